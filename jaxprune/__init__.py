@@ -1,5 +1,38 @@
 """jaxprune: sparsity and quantization research as drop-in Optax transforms."""
 
-from jaxprune.schedules import constant_schedule, one_shot_schedule, polynomial_schedule
+from jaxprune.masks import (
+    NM,
+    UNSTRUCTURED,
+    Unstructured,
+    bottom_k_masks,
+    default_nm_axis,
+    global_magnitude_masks,
+    magnitude_mask,
+    nm,
+    nm_mask,
+    random_mask,
+    random_nm_mask,
+)
+from jaxprune.pruning import (
+    PruningState,
+    magnitude_pruning,
+    nm_pruning,
+)
+from jaxprune.report import SparsitySummary, nm_valid, sparsity_summary
+from jaxprune.schedules import (
+    applied_sparsity,
+    constant_schedule,
+    one_shot_schedule,
+    polynomial_schedule,
+)
+from jaxprune.selection import (
+    LeafSpec,
+    Selection,
+    erk_sparsities,
+    leaf_paths,
+    path_str,
+    resolve,
+    select,
+)
 
 __version__ = "0.1.0"

@@ -95,7 +95,8 @@ class PolynomialSchedule:
   def __call__(self, step) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
     p = jnp.clip((step - self.begin_step) / (self.end_step - self.begin_step), 0.0, 1.0)
-    return self.final_sparsity + (self.init_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
+    decay = (1.0 - p) ** self.power
+    return self.final_sparsity + (self.init_sparsity - self.final_sparsity) * decay
 
   def is_update_step(self, step) -> jax.Array:
     step = jnp.asarray(step)

@@ -1,0 +1,337 @@
+"""Drop-in pruning transforms: gradual magnitude pruning and fixed N:M (ASP).
+
+Each transform wraps an inner optimizer and keeps the user's loop unchanged::
+
+    tx = jaxprune.magnitude_pruning(optax.adamw(1e-3), jaxprune.polynomial_schedule(
+        0.0, 0.8, begin_step=1_000, end_step=10_000, frequency=100))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+How the constraint is enforced (the ``optax.keep_params_nonnegative`` trick):
+for a selected parameter ``w`` with mask ``M`` and inner update ``u``,
+
+.. math::
+
+    g \\leftarrow M \\odot g, \\qquad
+    u' = \\begin{cases} u & M = 1 \\\\ -w & M = 0 \\end{cases}
+
+so ``apply_updates`` lands pruned entries on exactly ``0.0`` and the inner
+optimizer's moments never see a gradient for them (as NVIDIA's ASP does). At a
+mask-update step the new mask is computed from the scores of the weights that
+step produces, ``|w + u|``, and applied in the same step. Between mask updates
+the extra work is elementwise selects that XLA fuses into the optimizer's
+update.
+
+The masks live in the state, one ``bool`` per parameter for selected leaves and
+a scalar ``True`` for the others, so ``jax.tree.map`` over masks and params
+always works (it broadcasts), and checkpoints and sharding of the optimizer
+state carry the masks. Put the pruning transform last when chaining: a
+transform after it would change the updates and break the invariant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune import _checks
+from jaxprune import masks as masks_lib
+from jaxprune import schedules as schedules_lib
+from jaxprune import selection as selection_lib
+
+SCOPES = ("layer", "global")
+
+
+class PruningState(NamedTuple):
+  """State of a pruning transform.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    masks: a tree like params: ``bool`` masks (True = kept) for pruned
+      leaves, a scalar ``True`` for the others.
+    count: number of ``update`` calls so far (the schedule's step).
+  """
+
+  inner_state: optax.OptState
+  masks: Any
+  count: jax.Array
+
+
+class _Leaf(NamedTuple):
+  """What one selected leaf needs to build its mask."""
+
+  path: str
+  shape: tuple[int, ...]
+  sparsity: float  # the leaf's final target
+  axis: int
+  in_global: bool  # shares the global threshold
+
+
+def as_selection(select) -> selection_lib.Selection:
+  """``None`` -> the default rule; regex(es) -> ``select(include=...)``."""
+  if select is None:
+    return selection_lib.select()
+  if isinstance(select, selection_lib.Selection):
+    return select
+  return selection_lib.select(include=select)
+
+
+def _final_sparsity(schedule) -> float | None:
+  final = getattr(schedule, "final_sparsity", None)
+  if final is None or not _checks.is_concrete(final):
+    return None
+  return float(final)
+
+
+def _plan(params, selection, final, structure, scope) -> list[_Leaf | None]:
+  """Per-leaf plan, one entry per leaf of ``params``; raises on bad input."""
+  is_nm = isinstance(structure, masks_lib.NM)
+  specs = selection_lib.resolve(selection, params, 0.0 if final is None else final)
+  plan = []
+  for spec, leaf in zip(specs, jax.tree.leaves(params), strict=True):
+    if spec is None:
+      plan.append(None)
+      continue
+    shape = tuple(jnp.shape(leaf))
+    axis = spec.axis
+    override = selection.override(spec.path)
+    if is_nm:
+      if structure.axis is not None and (override is None or override.axis is None):
+        axis = structure.axis
+      axis = masks_lib.check_nm_axis(shape, structure.m, axis, name=spec.path)
+    in_global = scope == "global" and (override is None or override.sparsity is None)
+    plan.append(_Leaf(spec.path, shape, spec.sparsity, axis, in_global))
+  return plan
+
+
+def _check_tree(name: str, tree, masks) -> None:
+  """Raises if ``tree`` is not shaped like the params the state was built for."""
+  if jax.tree.structure(tree) != jax.tree.structure(masks):
+    raise ValueError(
+        f"`{name}` does not have the tree structure of the params given to `init`:\n"
+        f"  init:   {jax.tree.structure(masks)}\n  update: {jax.tree.structure(tree)}")
+  for x, mask in zip(jax.tree.leaves(tree), jax.tree.leaves(masks), strict=True):
+    if jnp.ndim(mask) and jnp.shape(x) != jnp.shape(mask):
+      raise ValueError(
+          f"`{name}` has a leaf of shape {jnp.shape(x)} where `init` saw {jnp.shape(mask)}.")
+
+
+def _mask_leaves(
+    plan: Sequence[_Leaf | None],
+    scores: Sequence[jax.Array],
+    sparsity: jax.Array,
+    final: float | None,
+    structure,
+    normalize: bool,
+) -> list[jax.Array | None]:
+  """New masks for the planned leaves at target ``sparsity`` (None elsewhere).
+
+  Each layer prunes ``round(sparsity / final * k_l)`` weights, where
+  ``k_l = round(s_l * size_l)`` is its final count computed exactly on the
+  host, so every layer hits its target exactly when the schedule ends.
+  """
+  out: list[jax.Array | None] = [None] * len(plan)
+  if isinstance(structure, masks_lib.NM):
+    for i, leaf in enumerate(plan):
+      if leaf is not None:
+        mask = masks_lib.nm_mask(scores[i], structure.n, structure.m, axis=leaf.axis)
+        out[i] = mask | (sparsity <= 0)
+    return out
+
+  def count(target: float, size: int) -> jax.Array:
+    if final is None:  # a plain callable schedule: its value is the target.
+      return masks_lib.num_pruned(sparsity, size)
+    fraction = sparsity / final if final > 0 else jnp.zeros_like(sparsity)
+    k = jnp.round(fraction * masks_lib.num_pruned(target, size))
+    return jnp.clip(k, 0, size).astype(jnp.int32)
+
+  shared = [i for i, leaf in enumerate(plan) if leaf is not None and leaf.in_global]
+  if shared:
+    leaf_scores = [scores[i] for i in shared]
+    if normalize:
+      leaf_scores = [masks_lib.l2_normalized(s) for s in leaf_scores]
+    total = sum(math.prod(plan[i].shape) for i in shared)
+    for i, mask in zip(shared, masks_lib.bottom_k_masks(
+        leaf_scores, count(plan[shared[0]].sparsity, total)), strict=True):
+      out[i] = mask
+  for i, leaf in enumerate(plan):
+    if leaf is not None and not leaf.in_global:
+      out[i] = masks_lib.bottom_k_masks([scores[i]], count(leaf.sparsity, math.prod(leaf.shape)))[0]
+  return out
+
+
+def masked_update(updates, masks, params):
+  """``where(mask, updates, -params)``: lands pruned entries on exactly zero."""
+  return jax.tree.map(
+      lambda u, m, p: u if m.ndim == 0 else jnp.where(m, u, -p).astype(u.dtype),
+      updates, masks, params)
+
+
+def mask_gradients(grads, masks):
+  """Zeroes the gradient of pruned entries (leaves with a scalar mask pass through)."""
+  return jax.tree.map(lambda g, m: g if m.ndim == 0 else jnp.where(m, g, 0).astype(g.dtype),
+                      grads, masks)
+
+
+def _pruning_transform(
+    inner: optax.GradientTransformation,
+    schedule,
+    *,
+    structure,
+    scope: str,
+    select,
+    normalize: bool,
+) -> optax.GradientTransformation:
+  """The shared engine of :func:`magnitude_pruning` and :func:`nm_pruning`."""
+  selection = as_selection(select)
+
+  def plan_for(params):
+    final = _final_sparsity(schedule)
+    if final is None and (selection.distribution != "uniform" or any(
+        o.sparsity is not None for _, o in selection.overrides)):
+      raise ValueError(
+          "ERK and per-parameter sparsity overrides need a schedule with a concrete "
+          "`final_sparsity` (e.g. jaxprune.polynomial_schedule), got "
+          f"{schedule!r}.")
+    return _plan(params, selection, final, structure, scope), final
+
+  def init_fn(params):
+    plan, _ = plan_for(params)
+    leaves, treedef = jax.tree.flatten(params)
+    masks = [jnp.ones((), bool) if leaf is None else jnp.ones(jnp.shape(x), bool)
+             for leaf, x in zip(plan, leaves, strict=True)]
+    return PruningState(
+        inner_state=inner.init(params),
+        masks=treedef.unflatten(masks),
+        count=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("jaxprune pruning transforms need `params` in `update`.")
+    _check_tree("updates", updates, state.masks)
+    _check_tree("params", params, state.masks)
+    plan, final = plan_for(params)
+    grads = mask_gradients(updates, state.masks)
+    updates, inner_state = inner.update(grads, state.inner_state, params)
+    step = state.count
+
+    def recompute(_):
+      new_params = jax.tree.leaves(optax.apply_updates(params, updates))
+      scores = [jnp.abs(p) for p in new_params]
+      fresh = _mask_leaves(plan, scores, schedule(step), final, structure, normalize)
+      old = jax.tree.leaves(state.masks)
+      return jax.tree.structure(state.masks).unflatten(
+          [o if f is None else f for o, f in zip(old, fresh, strict=True)])
+
+    masks = jax.lax.cond(schedules_lib.is_update_step(schedule, step), recompute,
+                         lambda _: state.masks, None)
+    updates = masked_update(updates, masks, params)
+    return updates, PruningState(inner_state, masks, optax.safe_int32_increment(step))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def magnitude_pruning(
+    inner: optax.GradientTransformation,
+    sparsity: float | Callable[[Any], Any],
+    *,
+    structure: masks_lib.Unstructured | masks_lib.NM = masks_lib.UNSTRUCTURED,
+    scope: str = "layer",
+    select=None,
+    normalize: bool = False,
+) -> optax.GradientTransformation:
+  """Gradual magnitude pruning (Zhu & Gupta 2017) around any optimizer.
+
+  At every update step of the sparsity schedule, each selected layer keeps its
+  largest ``|w|`` and prunes exactly ``round(s_l(t) * size_l)`` weights, where
+  ``s_l(t) = s(t) * s_l / s_final`` follows the schedule to the layer's target
+  ``s_l`` (the global target for a uniform distribution, ERK's share, or an
+  override). Pruned weights stay exactly zero afterwards. See the module
+  docstring for how the constraint is enforced.
+
+  Args:
+    inner: the optimizer to wrap, e.g. ``optax.adamw(1e-3)``.
+    sparsity: a float in [0, 1) (pruned once, at step 0) or a schedule
+      ``step -> sparsity`` such as :func:`jaxprune.polynomial_schedule`;
+      its ``is_update_step`` says when masks are recomputed (a plain
+      callable: every step).
+    structure: :data:`jaxprune.UNSTRUCTURED` or :func:`jaxprune.nm`. For
+      N:M the kept count is fixed by ``n`` and ``m``; the schedule only
+      says when masks are recomputed and, by a value of 0, when pruning is
+      off.
+    scope: ``'layer'`` (each layer its own threshold) or ``'global'`` (one
+      threshold across all selected layers without a sparsity override;
+      unstructured only).
+    select: which parameters, see :func:`jaxprune.select`; a regex or list of
+      regexes means ``select(include=...)``. Default: kernels with
+      ``ndim >= 2``, not embeddings or the output head.
+    normalize: with ``scope='global'``, divide each layer's scores by their
+      L2 norm first (as JaxPruner's global pruners).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
+  """
+  if scope not in SCOPES:
+    raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
+  if not isinstance(structure, masks_lib.Unstructured | masks_lib.NM):
+    raise ValueError(
+        f"`structure` must be jaxprune.UNSTRUCTURED or jaxprune.nm(n, m), got {structure!r}.")
+  if isinstance(structure, masks_lib.NM):
+    if scope == "global":
+      raise ValueError("`scope='global'` needs `structure=UNSTRUCTURED`; N:M is per group.")
+    if not callable(sparsity) and _checks.is_concrete(sparsity) and float(sparsity) not in (
+        0.0, structure.sparsity):
+      raise ValueError(
+          f"`sparsity` = {sparsity} contradicts `structure` = {structure!r}, whose sparsity "
+          f"is {structure.sparsity}; pass a schedule or {structure.sparsity}.")
+  if scope == "global" and as_selection(select).distribution != "uniform":
+    raise ValueError("`scope='global'` uses one threshold; `distribution` must be 'uniform'.")
+  if not callable(sparsity):
+    _checks.check_sparsity("sparsity", sparsity)
+  schedule = schedules_lib.as_schedule(sparsity)
+  return _pruning_transform(
+      inner, schedule, structure=structure, scope=scope, select=select, normalize=normalize)
+
+
+def nm_pruning(
+    inner: optax.GradientTransformation,
+    n: int = 2,
+    m: int = 4,
+    *,
+    prune_step: int = 0,
+    axis: int | None = None,
+    select=None,
+) -> optax.GradientTransformation:
+  """NVIDIA ASP-style N:M sparsity (Mishra et al. 2021) around any optimizer.
+
+  Dense training until ``prune_step``; at ``prune_step`` each selected
+  kernel keeps the ``n`` largest ``|w|`` of every ``m`` consecutive weights
+  along ``axis``, and the mask is held for the rest of training, with
+  gradients and updates masked so that the inner optimizer's moments cannot
+  move pruned weights off zero.
+
+  Args:
+    inner: the optimizer to wrap.
+    n: weights kept per group, ``1 <= n <= m``.
+    m: group size; must divide the grouping axis of every selected leaf.
+    prune_step: the step (>= 0) at which the mask is computed.
+    axis: the grouping axis for every leaf; ``None``: the input axis of a
+      Flax kernel (0 for ``(in, out)``, ``ndim - 2`` for HWIO), which is
+      what 2:4 sparse tensor cores need. Per-parameter ``axis`` overrides
+      in ``select`` take precedence.
+    select: which parameters, see :func:`jaxprune.select`.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
+  """
+  structure = masks_lib.nm(n, m, axis=axis)
+  schedule = schedules_lib.one_shot_schedule(structure.sparsity, prune_step)
+  return _pruning_transform(
+      inner, schedule, structure=structure, scope="layer", select=select, normalize=False)
