@@ -344,7 +344,8 @@ def test_resolve_erk_with_override():
   expected = sel.erk_sparsities({"a": (64, 64), "b": (32, 64)}, 0.5)
   assert [s.sparsity for s in out[:2]] == pytest.approx([expected["a"], expected["b"]])
   assert out[2].sparsity == 0.25
-  nnz = sum((1 - s.sparsity) * math.prod(shp) for s, shp in zip(out[:2], [(64, 64), (32, 64)], strict=True))
+  shapes = [(64, 64), (32, 64)]
+  nnz = sum((1 - s.sparsity) * math.prod(shp) for s, shp in zip(out[:2], shapes, strict=True))
   assert nnz == pytest.approx(0.5 * (64 * 64 + 32 * 64))
 
 
