@@ -14,8 +14,11 @@ elementwise passes on a CPU, which is what made JaxPruner's masks slow.
 Conventions shared by all masks:
 
 * Scores are compared as float32 (bfloat16 and float16 convert exactly;
-  float64 is rounded to float32 first). NaN scores count as ``+inf`` (kept
-  first) and ``-0.0`` equals ``+0.0``.
+  float64 is rounded to float32 first) in IEEE 754 totalOrder, on their bit
+  patterns: ``-NaN < -inf < ... < -0.0 < +0.0 < subnormals < ... < +inf <
+  NaN``. Magnitude scores ``|w|`` are never negative, so NaN weights are kept
+  first and exact zeros pruned first. (Comparing floats directly would treat
+  subnormals as zero on CPUs, which flush them.)
 * Ties keep the lower index: in N:M groups the earlier element of a tie is
   kept; in magnitude masks, among equal scores the ones with the *higher*
   flat index (row-major; in the global case, later leaves first) are pruned
@@ -112,24 +115,26 @@ def check_nm_axis(shape: Sequence[int], m: int, axis: int, name: str = "scores")
 # Shared helpers.
 
 
-def _canonical(scores: Array) -> Array:
-  """float32 scores with NaN -> +inf and -0.0 -> +0.0 (so float order is total)."""
-  s = jnp.asarray(scores)
-  if not jnp.issubdtype(s.dtype, jnp.floating):
-    s = s.astype(jnp.float32)
-  s = s.astype(jnp.float32)
-  return jnp.where(jnp.isnan(s), jnp.inf, s) + 0.0
+def _bits(scores: Array) -> Array:
+  return lax.bitcast_convert_type(jnp.asarray(scores).astype(jnp.float32), jnp.int32)
 
 
-def _ordered_key(s: Array) -> Array:
-  """uint32 key with the same order as the (canonical) float32 scores."""
-  b = lax.bitcast_convert_type(s, jnp.uint32)
+def _radix_key(scores: Array) -> Array:
+  """uint32 key in IEEE totalOrder of the float32 scores (for the histograms)."""
+  b = lax.bitcast_convert_type(_bits(scores), jnp.uint32)
   return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
 
 
-def _key_to_float(key: Array) -> Array:
-  b = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
-  return lax.bitcast_convert_type(b, jnp.float32)
+def _compare_key(scores: Array) -> Array:
+  """int32 key in IEEE totalOrder: ``_radix_key`` with its top bit flipped.
+
+  Comparing keys rather than floats matters on CPUs, where XLA treats
+  subnormal floats as zero in comparisons and arithmetic. (Signed int32
+  comparisons vectorise better there than unsigned ones, and unsigned digits
+  histogram faster, hence two keys.)
+  """
+  b = _bits(scores)
+  return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
 def num_pruned(sparsity, size: int) -> Array | int:
@@ -170,7 +175,7 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
   """
   n, m = _checks.check_nm(n, m)
   axis = check_nm_axis(jnp.shape(scores), m, _checks.check_int("axis", axis))
-  s = _canonical(scores)
+  s = _compare_key(scores)
   shape = s.shape
   groups = s.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
   gaxis = axis + 1
@@ -207,10 +212,10 @@ def _histogram(index: Array) -> Array:
 def _kth_smallest(scores: Sequence[Array], k: Array) -> tuple[Array, Array, list[Array]]:
   """The k-th smallest (1-based, ``k >= 1``) of the union of ``scores``.
 
-  Returns ``(t, below, equal)``: the threshold value, the number of scores
-  ``< t`` and, per leaf, the number of scores ``== t``.
+  Returns ``(t, below, equal)``: the threshold as a :func:`_compare_key`, the
+  number of scores below it and, per leaf, the number equal to it.
   """
-  keys = [_ordered_key(s) for s in scores]
+  keys = [_radix_key(s) for s in scores]
   rank = k - 1
   high = sum(_histogram((key >> _RADIX_BITS).astype(jnp.int32)) for key in keys)
   high_bin, below_high = _find_bin(high, rank)
@@ -220,36 +225,46 @@ def _kth_smallest(scores: Sequence[Array], k: Array) -> tuple[Array, Array, list
     low = (key & jnp.uint32(_NUM_BINS - 1)).astype(jnp.int32)
     lows.append(_histogram(jnp.where(key >> _RADIX_BITS == high_bin, low, _NUM_BINS)))
   low_bin, below_low = _find_bin(sum(lows), rank - below_high)
-  key = (high_bin << _RADIX_BITS) | low_bin.astype(jnp.uint32)
-  return _key_to_float(key), below_high + below_low, [h[low_bin] for h in lows]
+  t = (high_bin << _RADIX_BITS) | low_bin.astype(jnp.uint32)
+  t = lax.bitcast_convert_type(t ^ jnp.uint32(0x80000000), jnp.int32)
+  return t, below_high + below_low, [h[low_bin] for h in lows]
 
 
-def _keep_first(flags: Array, count: Array) -> Array:
-  """Keeps the first ``count`` True entries of ``flags`` in row-major order.
+def _position_of(flags: Array, count: Array) -> Array:
+  """Flat index of the ``count``-th True entry of ``flags`` (1-based; -1 for 0).
 
-  Counts True entries per block of 1,024 with a histogram (no cumulative sum
-  over the whole array), finds the block where the ``count``-th lies, and
-  ranks entries exactly inside that one block.
+  A radix select on the flat index: a histogram of the True entries per block
+  of 1,024 finds the block, a histogram inside that block the position.
   """
   flat = flags.reshape(-1)
-  size = flat.size
-  blocks = -(-size // _TIE_BLOCK)
-  padded = jnp.pad(flat, (0, blocks * _TIE_BLOCK - size)).reshape(blocks, _TIE_BLOCK)
-  block_index = lax.broadcasted_iota(jnp.int32, padded.shape, 0)
-  per_block = jnp.zeros(blocks, jnp.int32).at[jnp.where(padded, block_index, blocks)].add(
-      1, mode="drop")
+  index = jnp.arange(flat.size, dtype=jnp.int32)
+  blocks = -(-flat.size // _TIE_BLOCK)
+  block = index // _TIE_BLOCK
+  per_block = jnp.zeros(blocks, jnp.int32).at[jnp.where(flat, block, blocks)].add(1, mode="drop")
   inclusive = jnp.cumsum(per_block)
-  b = jnp.sum(inclusive <= count).astype(jnp.int32)  # blocks before b are kept whole
+  b = jnp.sum(inclusive < count).astype(jnp.int32)
   before = jnp.where(b > 0, inclusive[jnp.maximum(b - 1, 0)], 0)
-  row = lax.dynamic_index_in_dim(padded, jnp.minimum(b, blocks - 1), keepdims=False)
-  row_keep = row & (jnp.cumsum(row) + before <= count)
-  keep = padded & ((block_index < b) | ((block_index == b) & row_keep[None, :]))
-  return keep.reshape(-1)[:size].reshape(flags.shape)
+  in_block = jnp.zeros(_TIE_BLOCK, jnp.int32).at[
+      jnp.where(flat & (block == b), index % _TIE_BLOCK, _TIE_BLOCK)].add(1, mode="drop")
+  j = jnp.sum(jnp.cumsum(in_block) + before < count).astype(jnp.int32)
+  return jnp.where(count > 0, b * _TIE_BLOCK + j, -1)
 
 
-def _threshold_mask(s: Array, t: Array, equal: Array, prune_equal: Array) -> Array:
-  """Keeps ``s > t``, and of the ``equal`` entries ``== t`` all but the last ``prune_equal``."""
-  return (s > t) | _keep_first(s == t, equal - prune_equal)
+def _threshold_mask(scores: Array, t: Array, equal: Array, prune_equal: Array) -> Array:
+  """Keeps keys ``> t``, and of the ``equal`` keys ``== t`` all but the last ``prune_equal``."""
+  key = _compare_key(scores)
+  at_t = key == t
+  keep = equal - prune_equal
+  # Only the position of the last kept tie depends on a branch, and the branch
+  # returns a scalar: XLA:CPU runs array work inside `cond` slowly, and partial
+  # ties at the threshold are rare for real weights.
+  last = lax.cond(
+      (prune_equal > 0) & (keep > 0),
+      lambda: _position_of(at_t, keep),
+      lambda: jnp.where(keep > 0, jnp.int32(key.size), -1),
+  )
+  index = jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape)
+  return (key > t) | (at_t & (index <= last))
 
 
 def bottom_k_masks(scores: Sequence[Array], k) -> list[Array]:
@@ -260,16 +275,15 @@ def bottom_k_masks(scores: Sequence[Array], k) -> list[Array]:
   number to prune ``k`` (a Python or traced integer in ``[0, total size]``).
   Ties at the threshold prune later leaves and higher flat indices first.
   """
-  s = [_canonical(x) for x in scores]
   k = jnp.asarray(k, jnp.int32)
-  t, below, equal = _kth_smallest(s, jnp.maximum(k, 1))
+  t, below, equal = _kth_smallest(scores, jnp.maximum(k, 1))
   # Pruned among the ties, taken from the last leaves first. For k = 0 the
   # threshold is the minimum and nothing is pruned: remaining = 0 - 0.
   remaining = k - below
-  masks = [None] * len(s)
-  for i in reversed(range(len(s))):
+  masks = [None] * len(scores)
+  for i in reversed(range(len(scores))):
     here = jnp.clip(remaining, 0, equal[i])
-    masks[i] = _threshold_mask(s[i], t, equal[i], here)
+    masks[i] = _threshold_mask(scores[i], t, equal[i], here)
     remaining = remaining - here
   return masks
 
@@ -294,7 +308,7 @@ def magnitude_mask(scores: Array, sparsity) -> Array:
 
 def l2_normalized(s: Array, eps: float = 1e-8) -> Array:
   """``s / (||s||_2 + eps)``: per-layer score normalisation for global pruning."""
-  s = _canonical(s)
+  s = jnp.asarray(s).astype(jnp.float32)
   return s / (jnp.linalg.norm(s.reshape(-1)) + eps)
 
 

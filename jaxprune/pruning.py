@@ -18,8 +18,9 @@ for a selected parameter ``w`` with mask ``M`` and inner update ``u``,
 
 so ``apply_updates`` lands pruned entries on exactly ``0.0`` and the inner
 optimizer's moments never see a gradient for them (as NVIDIA's ASP does). At a
-mask-update step the new mask is computed from the scores of the weights that
-step produces, ``|w + u|``, and applied in the same step. Between mask updates
+mask-update step the new mask is computed from the current weights ``|w|``
+(before the step's update, as TF-MOT does) and applied in the same step: the
+gradient, the inner update and the weights all see it. Between mask updates
 the extra work is elementwise selects that XLA fuses into the optimizer's
 update.
 
@@ -218,20 +219,21 @@ def _pruning_transform(
     _check_tree("updates", updates, state.masks)
     _check_tree("params", params, state.masks)
     plan, final = plan_for(params)
-    grads = mask_gradients(updates, state.masks)
-    updates, inner_state = inner.update(grads, state.inner_state, params)
     step = state.count
 
-    def recompute(_):
-      new_params = jax.tree.leaves(optax.apply_updates(params, updates))
-      scores = [jnp.abs(p) for p in new_params]
+    def recompute():
+      scores = [jnp.abs(p) for p in jax.tree.leaves(params)]
       fresh = _mask_leaves(plan, scores, schedule(step), final, structure, normalize)
       old = jax.tree.leaves(state.masks)
       return jax.tree.structure(state.masks).unflatten(
           [o if f is None else f for o, f in zip(old, fresh, strict=True)])
 
+    # The branch reads only params and masks, which are materialised anyway, so
+    # XLA keeps the optimizer update fused on steps without a mask update.
     masks = jax.lax.cond(schedules_lib.is_update_step(schedule, step), recompute,
-                         lambda _: state.masks, None)
+                         lambda: state.masks)
+    grads = mask_gradients(updates, masks)
+    updates, inner_state = inner.update(grads, state.inner_state, params)
     updates = masked_update(updates, masks, params)
     return updates, PruningState(inner_state, masks, optax.safe_int32_increment(step))
 

@@ -14,8 +14,8 @@ approach 3 (Huber loss on :math:`\\log L`, L-BFGS from a grid of starts, as
 re-examined by Besiroglu et al. 2024, "Chinchilla Scaling: A replication
 attempt"); :func:`fit_sparse_form` fits the sparse law of Frantar et al.
 (2023), "Scaling Laws for Sparsely-Connected Foundation Models". Both models
-are a log-sum-exp of terms linear in the parameters, and share one fitting
-engine (:func:`_fit_log_sum_exp`).
+are a log-sum-exp of terms linear in the parameters and share one fitting
+engine: a vmapped L-BFGS over a grid of starts, with bootstrap intervals.
 
 :func:`read_csv` and :func:`write_csv` move the data (columns ``N``, ``D``,
 ``loss`` and anything else, e.g. ``sparsity``, ``N_avg``, schedule fields).
@@ -480,7 +480,7 @@ def _fit_log_sum_exp(
     if evals[best] >= _POLISH_EVALS:
       warnings.warn(
           "L-BFGS hit its evaluation cap while polishing; the fit may not have converged.",
-          stacklevel=3,
+          stacklevel=4,
       )
     samples = None
     if bootstrap:
@@ -584,7 +584,8 @@ class SparseScalingFit(NamedTuple):
     return _summary(self, _SPARSE.names)
 
 
-def _check_fit_options(delta, max_evals, refine, bootstrap, bootstrap_starts, seed):
+def _check_fit_options(*, grid, delta, max_evals, refine, bootstrap, bootstrap_starts, seed):
+  del grid  # checked by _grid_starts
   if not (isinstance(delta, numbers.Real) and delta > 0 and math.isfinite(delta)):
     raise ValueError(f"`delta` must be a positive number, got {delta!r}.")
   _checks.check_int("max_iter", max_evals, minimum=1)
@@ -605,7 +606,7 @@ def _clean(columns: Mapping[str, object], num_params: int) -> dict[str, np.ndarr
     rows = np.flatnonzero(nan).tolist()
     warnings.warn(
         f"Dropped {len(rows)} of {nan.size} rows with NaN in {_names(arrays)}: rows {rows}.",
-        stacklevel=3,
+        stacklevel=4,
     )
     arrays = {name: a[~nan] for name, a in arrays.items()}
   for name, a in arrays.items():
@@ -656,10 +657,17 @@ def fit(
   (summed, :func:`huber_objective`) by L-BFGS from every point of the grid
   alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in
   {0, 5, ..., 25} (4500 starts), vmapped and jitted, keeping the lowest final
-  objective. The optimiser (:func:`_fit_log_sum_exp`) screens every start in
-  float32, then polishes the ``refine`` best in float64 to convergence: the
-  float32 pass only ranks starts, the reported fit is float64. L-BFGS runs in
-  centred coordinates (a - alpha mean log N, ...), the same objective.
+  objective. L-BFGS (memory 10, Armijo backtracking, one objective evaluation
+  per loop step so that it vmaps; see :func:`_lbfgs`) runs in two passes:
+
+  1. every start in float32, until a step gains less than 1e-5 of the
+     objective, 30 trial steps in a row fail, or ``max_iter`` evaluations;
+  2. the ``refine`` lowest of those continue in float64 until 30 trial steps
+     in a row fail to decrease the objective (at most 2000 evaluations).
+
+  The float32 pass only ranks starts; the reported fit is float64. L-BFGS
+  works in centred coordinates (a - alpha mean log N, ...): same objective,
+  better conditioned.
 
   Bootstrap (``bootstrap`` > 0): points are resampled with replacement
   ``bootstrap`` times; each resample is refitted in float64 from the
@@ -684,15 +692,13 @@ def fit(
     refine: how many screened starts are polished in float64.
     bootstrap_starts: starts per bootstrap resample.
   """
-  _check_fit_options(delta, max_iter, refine, bootstrap, bootstrap_starts, seed)
-  data = _clean({"N": N, "D": D, "loss": loss}, len(_CHINCHILLA.names))
-  log_loss = np.log(data["loss"])
-  sol = _fit_log_sum_exp(
-      _CHINCHILLA, (np.log(data["N"]), np.log(data["D"])), log_loss,
+  fields = _fit_model(
+      _CHINCHILLA, {"N": N, "D": D, "loss": loss},
+      lambda data: (np.log(data["N"]), np.log(data["D"])),
       grid=grid, delta=delta, max_evals=max_iter, refine=refine, bootstrap=bootstrap,
       bootstrap_starts=bootstrap_starts, seed=seed,
   )
-  return ScalingFit(**_result_fields(_CHINCHILLA, sol))
+  return ScalingFit(**fields)
 
 
 def fit_sparse_form(
@@ -709,7 +715,7 @@ def fit_sparse_form(
     refine: int = 32,
     bootstrap_starts: int = 4,
 ) -> SparseScalingFit:
-  """Fits the sparse law of Frantar et al. (2023), as in JaxPruner's scaling notebook.
+  """Fits the sparse law of Frantar et al. (2023), the form in JaxPruner's scaling notebook.
 
   .. math::
       L(S, N, D) = \\big(a (1 - S)^b + c\\big) N^{-d} + e D^{-f} + g
@@ -735,19 +741,20 @@ def fit_sparse_form(
       ``d``, ``log_e``, ``f``, ``log_g`` to the values to try.
     delta, bootstrap, seed, max_iter, refine, bootstrap_starts: as in :func:`fit`.
   """
-  _check_fit_options(delta, max_iter, refine, bootstrap, bootstrap_starts, seed)
-  data = _clean({"S": S, "N": N, "D": D, "loss": loss}, len(_SPARSE.names))
-  log_loss = np.log(data["loss"])
-  features = (np.log1p(-data["S"]), np.log(data["N"]), np.log(data["D"]))
-  sol = _fit_log_sum_exp(
-      _SPARSE, features, log_loss,
+  fields = _fit_model(
+      _SPARSE, {"S": S, "N": N, "D": D, "loss": loss},
+      lambda data: (np.log1p(-data["S"]), np.log(data["N"]), np.log(data["D"])),
       grid=grid, delta=delta, max_evals=max_iter, refine=refine, bootstrap=bootstrap,
       bootstrap_starts=bootstrap_starts, seed=seed,
   )
-  return SparseScalingFit(**_result_fields(_SPARSE, sol))
+  return SparseScalingFit(**fields)
 
 
-def _result_fields(model: _Model, sol: _Solution) -> dict:
+def _fit_model(model: _Model, columns: Mapping[str, object], features_of: Callable, **options):
+  """Checks the input, fits ``model`` and returns the fields of its result."""
+  _check_fit_options(**options)
+  data = _clean(columns, len(model.names))
+  sol = _fit_log_sum_exp(model, features_of(data), np.log(data["loss"]), **options)
   residuals = sol.residuals
   intervals, samples = _intervals(model, sol.samples)
   return dict(

@@ -182,3 +182,11 @@ def test_bottom_k_masks_counts():
   for k in (0, 1, 7, 15):
     got = jaxprune.bottom_k_masks(scores, k)
     assert sum(int((~g).sum()) for g in got) == k
+
+
+def test_total_order_keeps_subnormals_apart_from_zero():
+  # CPUs flush subnormals in float comparisons; masks compare bit patterns.
+  x = jnp.array([[0.0, 1e-45, -0.0, 0.0]])
+  np.testing.assert_array_equal(jaxprune.nm_mask(x, 1, 4, axis=1), [[False, True, False, False]])
+  np.testing.assert_array_equal(jaxprune.magnitude_mask(jnp.array([1e-45, 0.0, 2e-45]), 1 / 3),
+                                [True, False, True])

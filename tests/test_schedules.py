@@ -57,11 +57,14 @@ def test_applied_sparsity_holds_between_updates():
   np.testing.assert_allclose(applied, expected)
 
 
+poly = jaxprune.polynomial_schedule
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda: jaxprune.polynomial_schedule(0.0, 1.0, 0, 10), r"`final_sparsity` must be in \[0, 1\)"),
-    (lambda: jaxprune.polynomial_schedule(-0.1, 0.5, 0, 10), r"`init_sparsity` must be in \[0, 1\)"),
-    (lambda: jaxprune.polynomial_schedule(0.0, 0.5, 10, 10), r"`end_step` must be > `begin_step`"),
-    (lambda: jaxprune.polynomial_schedule(0.0, 0.5, 0, 10, frequency=0), r"`frequency` must be >= 1"),
+    (lambda: poly(0.0, 1.0, 0, 10), r"`final_sparsity` must be in \[0, 1\)"),
+    (lambda: poly(-0.1, 0.5, 0, 10), r"`init_sparsity` must be in \[0, 1\)"),
+    (lambda: poly(0.0, 0.5, 10, 10), r"`end_step` must be > `begin_step`"),
+    (lambda: poly(0.0, 0.5, 0, 10, frequency=0), r"`frequency` must be >= 1"),
     (lambda: jaxprune.polynomial_schedule(0.0, 0.5, -1, 10), r"`begin_step` must be >= 0"),
     (lambda: jaxprune.polynomial_schedule(0.0, 0.5, 0, 10, power=0), r"`power` must be > 0"),
     (lambda: jaxprune.constant_schedule(1.2), r"`sparsity` must be in \[0, 1\)"),
