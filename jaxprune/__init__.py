@@ -1,5 +1,6 @@
 """jaxprune: sparsity and quantization research as drop-in Optax transforms."""
 
+from jaxprune import quant, scaling
 from jaxprune.masks import (
     NM,
     UNSTRUCTURED,
@@ -33,6 +34,15 @@ from jaxprune.selection import (
     path_str,
     resolve,
     select,
+)
+from jaxprune.ste import (
+    MasterWeightsState,
+    ViewTransformation,
+    initial_view,
+    master_params,
+    master_weight_transform,
+    sr_ste,
+    ste,
 )
 
 __version__ = "0.1.0"
