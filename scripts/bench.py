@@ -106,6 +106,7 @@ def wrappers(steps: int):
       "magnitude_pruning (GMP to 80%)": jaxprune.magnitude_pruning(adam, gmp),
       "magnitude_pruning global": jaxprune.magnitude_pruning(adam, gmp, scope="global"),
       "nm_pruning 2:4": jaxprune.nm_pruning(adam, 2, 4),
+      "sr_ste 2:4": jaxprune.sr_ste(adam, 2, 4),
   }
 
 
