@@ -35,7 +35,8 @@ from jaxprune.selection import (
     resolve,
     select,
 )
-from jaxprune.ste import (
+from jaxprune.step import StepState, step_adam, step_phase
+from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,
     initial_view,
