@@ -12,11 +12,11 @@ phases:
 2. *Mask learning*: ``v`` is frozen (``v*``) and used as a fixed
    preconditioner; the model sees the N:M view ``E(W) * W`` of dense master
    weights ``W`` and its gradient passes straight through to ``W``, as in
-   :func:`jaxprune.ste.ste`.
+   :func:`jaxprune.ste`.
 
 :func:`step_adam` is a complete optimizer (not a wrapper) built on the
-master-weight design of :mod:`jaxprune.ste`: its state is a
-:class:`jaxprune.ste.MasterWeightsState`, so :func:`jaxprune.ste.master_params`
+master-weight design of :mod:`jaxprune.straight_through`: its state is a
+:class:`jaxprune.MasterWeightsState`, so :func:`jaxprune.master_params`
 reads its dense weights, and :func:`step_phase` tells which phase it is in.
 """
 
@@ -30,8 +30,6 @@ import optax
 
 from jaxprune import _checks, pruning
 from jaxprune import masks as masks_lib
-
-# Names, not the module: `jaxprune.ste` is shadowed by the function `ste` in the package.
 from jaxprune.straight_through import MasterWeightsState, ViewTransformation, _find_state
 
 _INT32_MAX = 2**31 - 1
@@ -40,7 +38,7 @@ _INT32_MAX = 2**31 - 1
 class StepState(NamedTuple):
   """The moments and AutoSwitch statistics of :func:`step_adam`.
 
-  Stored as the ``inner_state`` of a :class:`jaxprune.ste.MasterWeightsState`
+  Stored as the ``inner_state`` of a :class:`jaxprune.MasterWeightsState`
   whose ``count`` is the number of steps taken so far (``t`` of the last one).
 
   Attributes:
@@ -191,10 +189,10 @@ def step_adam(
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:
-    A :class:`jaxprune.ste.ViewTransformation`; ``view(params)`` is
+    A :class:`jaxprune.ViewTransformation`; ``view(params)`` is
     ``params`` (the precondition phase is dense). Its state is a
-    :class:`jaxprune.ste.MasterWeightsState` holding a :class:`StepState`;
-    read it with :func:`step_phase` and :func:`jaxprune.ste.master_params`.
+    :class:`jaxprune.MasterWeightsState` holding a :class:`StepState`;
+    read it with :func:`step_phase` and :func:`jaxprune.master_params`.
 
   Memory: ``mu`` and ``nu`` for every parameter plus one dense master copy of
   the selected ones: 12 bytes per selected and 8 per other parameter in
