@@ -30,7 +30,12 @@ import optax
 
 from jaxprune import _checks, pruning
 from jaxprune import masks as masks_lib
-from jaxprune.straight_through import MasterWeightsState, ViewTransformation, _find_state
+from jaxprune.straight_through import (
+    MasterWeightsState,
+    ViewTransformation,
+    _find_state,
+    dense_copy,
+)
 
 _INT32_MAX = 2**31 - 1
 
@@ -220,10 +225,6 @@ def step_adam(
     return pruning._plan(params, selection, structure.sparsity, structure, "layer")
 
   def init_fn(params):
-    plan = plan_for(params)
-    leaves, treedef = jax.tree.flatten(params)
-    master = [jnp.zeros((), jnp.asarray(x).dtype) if p is None else jnp.array(x, copy=True)
-              for p, x in zip(plan, leaves, strict=True)]
     inner = StepState(
         mu=optax.tree.zeros_like(params),
         nu=optax.tree.zeros_like(params),
@@ -231,7 +232,8 @@ def step_adam(
         switched=jnp.zeros([], bool),
         switch_step=jnp.zeros([], jnp.int32),
     )
-    return MasterWeightsState(inner, treedef.unflatten(master), jnp.zeros([], jnp.int32))
+    return MasterWeightsState(inner, dense_copy(plan_for(params), params),
+                              jnp.zeros([], jnp.int32))
 
   def adamw(w, mu, nu, t_nu, t, lr):
     mu_hat = mu / (1 - b1**t).astype(mu.dtype)

@@ -98,6 +98,14 @@ def initial_view(tx: ViewTransformation, params):
   return tx.view(params)
 
 
+def dense_copy(plan, params):
+  """The master tree: a copy of each planned leaf, a scalar placeholder for the others."""
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten([
+      jnp.zeros((), jnp.asarray(x).dtype) if p is None else jnp.array(x, copy=True)
+      for p, x in zip(plan, leaves, strict=True)])
+
+
 def master_weight_transform(
     inner: optax.GradientTransformation,
     *,
@@ -144,13 +152,9 @@ def master_weight_transform(
     return treedef.unflatten(view_leaves(plan, leaves, jnp.zeros([], jnp.int32)))
 
   def init_fn(params):
-    plan = plan_for(params)
-    leaves, treedef = jax.tree.flatten(params)
-    master = [jnp.zeros((), jnp.asarray(x).dtype) if p is None else jnp.array(x, copy=True)
-              for p, x in zip(plan, leaves, strict=True)]
     return MasterWeightsState(
         inner_state=inner.init(params),
-        master=treedef.unflatten(master),
+        master=dense_copy(plan_for(params), params),
         count=jnp.zeros([], jnp.int32),
     )
 
