@@ -14,6 +14,7 @@ from jaxprune.masks import (
     random_mask,
     random_nm_mask,
 )
+from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
 from jaxprune.pruning import (
     PruningState,
     magnitude_pruning,

@@ -146,6 +146,7 @@ def master_weight_transform(
     masks = masks_of(plan, leaves, step)
     return [w if m is None else view_fn(w, m, step) for w, m in zip(leaves, masks, strict=True)]
 
+  @jax.jit
   def view(params):
     plan = plan_for(params)
     leaves, treedef = jax.tree.flatten(params)
