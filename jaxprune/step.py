@@ -284,13 +284,14 @@ def step_adam(
     fire = ~switched & (((z_mean < switch_eps) & (t > t_min)) | (t > t_max))
     now_switched = switched | fire
 
-    def on_view():
-      return [u if w is None else jnp.where(
-          masks_lib.nm_mask(jnp.abs(w), structure.n, structure.m, axis=leaf.axis), w - p, -p
-      ).astype(p.dtype) for leaf, u, w, p in zip(plan, adam_updates, new_w, ps, strict=True)]
-
-    # The dense phase skips the mask computation altogether.
-    out = jax.lax.cond(now_switched, on_view, lambda: adam_updates)
+    # Before the switch the update is AdamW's; from it on, params land on the view.
+    # (A select, not `lax.cond`: XLA:CPU runs array-valued branches slowly, and
+    # the N:M mask is one fused pass.)
+    out = [u if w is None else jnp.where(
+        now_switched,
+        jnp.where(masks_lib.nm_mask(jnp.abs(w), structure.n, structure.m, axis=leaf.axis),
+                  w - p, -p),
+        u).astype(p.dtype) for leaf, u, w, p in zip(plan, adam_updates, new_w, ps, strict=True)]
     new_inner = StepState(
         mu=treedef.unflatten(new_mu),
         nu=treedef.unflatten(new_nu),

@@ -107,6 +107,8 @@ def wrappers(steps: int):
       "magnitude_pruning global": jaxprune.magnitude_pruning(adam, gmp, scope="global"),
       "nm_pruning 2:4": jaxprune.nm_pruning(adam, 2, 4),
       "sr_ste 2:4": jaxprune.sr_ste(adam, 2, 4),
+      "gradient_flow 1:8 (MDGF)": jaxprune.gradient_flow(adam, 1, 8, total_steps=steps,
+                                                         coef=0.05),
       # STEP is a whole optimizer; it switches to its N:M phase after step 10.
       "step_adam 2:4 (vs adam)": jaxprune.step_adam(1e-4, 2, 4, t_min=5, t_max=10),
   }
