@@ -180,7 +180,8 @@ def master_weight_transform(
     new_w = [w + d.astype(w.dtype) if plan_i is not None else w
              for plan_i, w, d in zip(plan, w_leaves, jax.tree.leaves(u), strict=True)]
     views = view_leaves(plan, new_w, step + 1)
-    out = [d if plan_i is None else jnp.where(v == 0, -p, v - p).astype(p.dtype)
+    # Where the view is 0, v - p = -p exactly, so pruned entries land on 0.0.
+    out = [d if plan_i is None else (v - p).astype(p.dtype)
            for plan_i, d, v, p in zip(plan, jax.tree.leaves(u), views, p_leaves, strict=True)]
     master = [m if plan_i is None else w for plan_i, m, w in
               zip(plan, jax.tree.leaves(state.master), new_w, strict=True)]
