@@ -1,6 +1,17 @@
 """jaxprune: sparsity and quantization research as drop-in Optax transforms."""
 
 from jaxprune import quant, scaling
+from jaxprune.compress import (
+    CompressedParams,
+    ErrorAnalysis,
+    compress,
+    compressed_size_report,
+    decompress,
+    error_analysis,
+    export_compressed,
+    load_compressed,
+    save_compressed,
+)
 from jaxprune.masks import (
     NM,
     UNSTRUCTURED,
