@@ -125,8 +125,9 @@ def master_weight_transform(
     sparsity: target for unstructured masks (ignored for N:M).
     view_fn: ``(w, mask, step) -> view`` for one leaf, ``step`` being the
       step at which the view is used in a forward pass.
-    grad_fn: ``(g, w, mask, step) -> g_w``: the gradient the master receives
-      from the gradient ``g`` at the view; default straight-through ``g``.
+    grad_fn: ``(g, w, p, step) -> g_w``: the gradient the master receives
+      from the gradient ``g`` taken at the view ``p`` (the current params
+      leaf); default straight-through ``g``.
     mask_fn: ``(leaf_plan, w, step) -> mask`` to override the structure's
       magnitude mask of ``|w|`` (e.g. for N:M patterns that change with the
       step); default: the structure's mask.
@@ -172,9 +173,8 @@ def master_weight_transform(
                 zip(plan, p_leaves, jax.tree.leaves(state.master), strict=True)]
     g_leaves = jax.tree.leaves(updates)
     if grad_fn is not None:
-      masks = masks_of(plan, w_leaves, step)
-      g_leaves = [g if m is None else grad_fn(g, w, m, step)
-                  for g, w, m in zip(g_leaves, w_leaves, masks, strict=True)]
+      g_leaves = [g if plan_i is None else grad_fn(g, w, p, step)
+                  for plan_i, g, w, p in zip(plan, g_leaves, w_leaves, p_leaves, strict=True)]
     u, inner_state = inner.update(treedef.unflatten(g_leaves), state.inner_state,
                                   treedef.unflatten(w_leaves))
     new_w = [w + d.astype(w.dtype) if plan_i is not None else w
@@ -189,6 +189,12 @@ def master_weight_transform(
         inner_state, treedef.unflatten(master), optax.safe_int32_increment(step))
 
   return ViewTransformation(init_fn, update_fn, view)
+
+
+def is_nonzero(x: jax.Array) -> jax.Array:
+  """``x != 0`` on the bit pattern: exact for subnormals, which CPUs compare as zero."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
+  return bits & jnp.asarray(~(-1 << (8 * x.dtype.itemsize - 1)), bits.dtype) != 0
 
 
 def _masked_view(w, mask, step):
@@ -251,7 +257,9 @@ def sr_ste(
   .. math::  \\tilde g = g + \\lambda_W (1 - E) \\odot W
 
   *before* the inner optimizer, so the refining term passes through momentum
-  or Adam (unlike decoupled weight decay), as in the reference code
+  or Adam (unlike decoupled weight decay). ``E`` is the mask the forward pass
+  used, read off the exact zeros of the params (the view of ``W``), which
+  also saves recomputing it. As in the reference code
   (aojunzz/NM-sparsity, ``sparse_ops.Sparse.backward``:
   ``grad + decay * (1 - mask) * weight``). PyTorch stores Linear weights as
   ``(out, in)`` and groups along ``in``; for Flax's ``(in, out)`` kernels
@@ -272,9 +280,10 @@ def sr_ste(
   if not decay >= 0:
     raise ValueError(f"`decay` must be >= 0, got {decay}.")
 
-  def refine(g, w, mask, step):
+  def refine(g, w, p, step):
     del step
-    return g + (decay * jnp.where(mask, jnp.zeros_like(w), w)).astype(g.dtype)
+    # E is the mask of the forward pass, read off the params' exact zeros.
+    return g + (decay * jnp.where(is_nonzero(p), jnp.zeros_like(w), w)).astype(g.dtype)
 
   return master_weight_transform(inner, select=select, structure=structure,
                                  sparsity=structure.sparsity, view_fn=_masked_view,
