@@ -214,9 +214,10 @@ def test_gmp_erk_and_overrides_hit_each_layer_target():
   schedule = jaxprune.polynomial_schedule(0.0, 0.7, 0, 10, frequency=2)
   tx = jaxprune.magnitude_pruning(optax.sgd(1e-3), schedule, select=select)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for _ in range(11):
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   targets = jaxprune.erk_sparsities({"wide": (64, 64), "narrow": (64, 8)}, 0.7)
   for name, target in [*targets.items(), ("fixed", 0.25)]:
@@ -390,8 +391,9 @@ def test_exact_counts_on_many_layers():
   schedule = jaxprune.polynomial_schedule(0.1, 0.55, 0, 6, frequency=3)
   tx = jaxprune.magnitude_pruning(optax.sgd(1e-2), schedule)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for _ in range(7):
-    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
     params = optax.apply_updates(params, updates)
   for i, s in enumerate(shapes):
     assert int((params[f"l{i}"]["kernel"] == 0).sum()) == round(0.55 * math.prod(s))
