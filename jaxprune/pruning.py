@@ -123,6 +123,14 @@ def _check_tree(name: str, tree, masks) -> None:
           f"`{name}` has a leaf of shape {jnp.shape(x)} where `init` saw {jnp.shape(mask)}.")
 
 
+def check_update_args(who: str, updates, params, like) -> None:
+  """Raises unless ``params`` is given and both trees are shaped like ``like`` (from init)."""
+  if params is None:
+    raise ValueError(f"{who}: `update` needs `params`.")
+  _check_tree("updates", updates, like)
+  _check_tree("params", params, like)
+
+
 def _mask_leaves(
     plan: Sequence[_Leaf | None],
     scores: Sequence[jax.Array],
@@ -214,10 +222,7 @@ def _pruning_transform(
     )
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("jaxprune pruning transforms need `params` in `update`.")
-    _check_tree("updates", updates, state.masks)
-    _check_tree("params", params, state.masks)
+    check_update_args("jaxprune pruning transform", updates, params, state.masks)
     plan, final = plan_for(params)
     step = state.count
 

@@ -241,10 +241,7 @@ def step_adam(
     return jnp.asarray(-lr, w.dtype) * (mu_hat / (jnp.sqrt(nu_hat) + eps) + weight_decay * w)
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("jaxprune.step.step_adam needs `params` in `update`.")
-    pruning._check_tree("updates", updates, state.master)
-    pruning._check_tree("params", params, state.master)
+    pruning.check_update_args("jaxprune.step_adam", updates, params, state.master)
     plan = plan_for(params)
     inner = state.inner_state
     count = state.count

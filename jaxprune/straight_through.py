@@ -161,10 +161,7 @@ def master_weight_transform(
     )
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("jaxprune master-weight transforms need `params` in `update`.")
-    pruning._check_tree("updates", updates, state.master)
-    pruning._check_tree("params", params, state.master)
+    pruning.check_update_args("jaxprune master-weight transform", updates, params, state.master)
     plan = plan_for(params)
     step = state.count
     treedef = jax.tree.structure(params)

@@ -379,7 +379,7 @@ def test_update_with_a_different_tree_is_an_error():
     tx.update(other, state, other)
   with pytest.raises(ValueError, match=r"`updates` has a leaf of shape \(4, 4\)"):
     tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
-  with pytest.raises(ValueError, match="need `params`"):
+  with pytest.raises(ValueError, match="`update` needs `params`"):
     tx.update(params, state)
 
 

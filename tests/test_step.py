@@ -343,7 +343,7 @@ def test_init_update_and_phase_errors():
   with pytest.raises(ValueError, match=r"`m` = 4 must divide the size 6 of axis 0 of w"):
     tx.init({"w": jnp.ones((6, 4))})
   state = tx.init({"w": jnp.ones((8, 4))})
-  with pytest.raises(ValueError, match="needs `params`"):
+  with pytest.raises(ValueError, match="`update` needs `params`"):
     tx.update({"w": jnp.ones((8, 4))}, state)
   with pytest.raises(ValueError, match="does not have the tree structure"):
     tx.update({"v": jnp.ones((8, 4))}, state, {"v": jnp.ones((8, 4))})
