@@ -51,7 +51,6 @@ from jaxprune.step import StepState, step_adam, step_phase
 from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,
-    initial_view,
     master_params,
     master_weight_transform,
     sr_ste,

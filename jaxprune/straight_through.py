@@ -16,8 +16,8 @@ is exact whenever ``p`` and ``v`` are within a factor of two of each other
 (Sterbenz), i.e. in every ordinary step.
 
 Read the dense weights with :func:`master_params`; give the model the view of
-its freshly initialised params with ``params = tx.view(params)`` (or
-:func:`initial_view`), so that the very first forward pass already sees it.
+its freshly initialised params with ``params = tx.view(params)``, so that the
+very first forward pass already sees it.
 
 Memory: one dense master copy of the selected parameters (4 bytes per
 parameter in float32) and nothing more; masks are recomputed from ``|W|``
@@ -91,11 +91,6 @@ def master_params(opt_state, params=None):
     return state.master
   return jax.tree.map(lambda w, p: p if jnp.ndim(w) == 0 and jnp.ndim(p) else w,
                       state.master, params)
-
-
-def initial_view(tx: ViewTransformation, params):
-  """``tx.view(params)``: the params the model should see before the first step."""
-  return tx.view(params)
 
 
 def dense_copy(plan, params):
