@@ -1,0 +1,77 @@
+"""Orbax checkpoints of a training run, with fallback past a damaged latest step.
+
+A checkpoint is one Orbax step directory holding two items:
+
+* ``state``: the arrays (params, the whole optimizer state: masks, master
+  weights, STEP's phase, ...), saved with ``StandardSave`` and restored into
+  the structure, dtypes and shardings of an abstract target;
+* ``meta``: JSON (the config, the data position, host-side accumulators).
+
+Orbax writes each step into a temporary directory and renames it when it is
+complete, so a process killed mid-save leaves no step behind that looks
+finished. A step that is listed but cannot be read (files truncated or
+deleted after the fact) is moved aside to ``<workdir>/corrupt_checkpoints/``
+(never deleted), a warning is logged, and the previous step is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
+  """A manager of ``<workdir>/checkpoints`` that keeps the last ``keep`` steps."""
+  if keep < 1:
+    raise ValueError(f"`keep` must be >= 1, got {keep}.")
+  root = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(root, options=options, item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``."""
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  mngr.wait_until_finished()
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  root = pathlib.Path(str(mngr.directory))
+  target = root.parent / CORRUPT_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+  target.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(root / str(step)), str(target))
+  mngr.reload()
+  return target
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[int, Any, dict] | None:
+  """The newest readable checkpoint as ``(step, state, meta)``, or ``None``.
+
+  ``abstract_state`` gives the structure, shapes, dtypes and shardings to
+  restore into (e.g. ``jax.eval_shape`` of the initial state with
+  ``sharding`` set). Unreadable steps are moved aside with a warning.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      meta = restored["meta"]
+      if not isinstance(meta, dict):
+        raise ValueError("checkpoint metadata is not a JSON object")
+      return step, restored["state"], meta
+    except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable.
+      moved = _move_aside(mngr, step)
+      logging.warning("checkpoint step %d is unreadable (%s: %s); moved it to %s and "
+                      "trying the previous one.", step, type(e).__name__, e, moved)
+  return None
