@@ -73,10 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "dense"
   c.seed = 0
-  c.steps = 1000
+  c.steps = 800
   c.batch_size = 32
   c.model = ml_collections.ConfigDict(dict(
-      context=128, width=128, depth=2, heads=4, mlp_ratio=4, positions="learned"))
+      context=64, width=128, depth=2, heads=4, mlp_ratio=4, positions="learned"))
   c.data = ml_collections.ConfigDict(dict(path="", valid_fraction=0.05, include_tests=False))
   # AdamW with linear warmup and cosine decay to lr * final_lr_fraction.
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -99,10 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
       decay="exp", coef=8e-4, dense_fraction=0.0, finetune_fraction=0.1))
   # Quantization-aware training on top of the method ('' = none).
   c.quant = ml_collections.ConfigDict(dict(format="", order="sq"))
-  c.eval_every = 250
+  c.eval_every = 200
   c.eval_batches = 16
   c.log_every = 25
-  c.checkpoint_every = 250
+  c.checkpoint_every = 200
   c.keep_checkpoints = 2
   c.progress = True                  # progress bar on a terminal (never when not a TTY).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))   # -1: all devices.
