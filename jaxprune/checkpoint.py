@@ -20,6 +20,7 @@ import logging
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -54,24 +55,38 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
   return target
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   check_meta: Callable[[dict], None] | None = None
                    ) -> tuple[int, Any, dict] | None:
   """The newest readable checkpoint as ``(step, state, meta)``, or ``None``.
 
   ``abstract_state`` gives the structure, shapes, dtypes and shardings to
   restore into (e.g. ``jax.eval_shape`` of the initial state with
-  ``sharding`` set). Unreadable steps are moved aside with a warning.
+  ``sharding`` set). ``check_meta`` is called on the metadata before any
+  array is read; its errors (e.g. a config that does not match) propagate,
+  so a valid checkpoint of another run is never mistaken for a damaged one.
+  Unreadable steps are moved aside with a warning.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      meta = restored["meta"]
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       if not isinstance(meta, dict):
         raise ValueError("checkpoint metadata is not a JSON object")
-      return step, restored["state"], meta
     except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable.
-      moved = _move_aside(mngr, step)
-      logging.warning("checkpoint step %d is unreadable (%s: %s); moved it to %s and "
-                      "trying the previous one.", step, type(e).__name__, e, moved)
+      _warn_and_move(mngr, step, e)
+      continue
+    if check_meta is not None:
+      check_meta(meta)
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+      return step, restored["state"], meta
+    except Exception as e:  # noqa: BLE001
+      _warn_and_move(mngr, step, e)
   return None
+
+
+def _warn_and_move(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  moved = _move_aside(mngr, step)
+  logging.warning("checkpoint step %d is unreadable (%s: %s); moved it to %s and "
+                  "trying the previous one.", step, type(error).__name__, error, moved)

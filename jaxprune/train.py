@@ -24,9 +24,10 @@ bit-identical params and metrics on CPU.
 
 Parameter count over training: ``n_active(t)`` is the number of parameters
 minus the exact zeros of the *prunable* leaves (those the run's selection
-picks; none for the dense recipe) in the params of the forward pass of step
-``t``; the report gives its mean over ``t = 0..T-1``, the ``N`` of Jin et al.
-(2025) "The Journey Matters".
+picks; none for the dense recipe) in the params that step ``t`` produces
+(the sparsity the method enforces at step ``t``); the report gives its mean
+over ``t = 0..T-1``, the ``N`` of Jin et al. (2025) "The Journey Matters",
+counted as :func:`jaxprune.scaling.average_param_count` counts it.
 
 Devices: a mesh with axes ``('data', 'model')``. The batch is split over
 ``data``; a 2-D kernel (and every optimizer-state leaf of the same shape:
@@ -41,6 +42,7 @@ builds the same global batch and contributes its addressable shards.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -128,6 +130,27 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
     config.optimizer.warmup_steps = 5
     config.prune.frequency = 2
   return config
+
+
+RECIPES_DIR = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_names(directory: str | os.PathLike = RECIPES_DIR) -> list[str]:
+  """The recipes in ``directory`` (the repository's ``recipes/`` by default)."""
+  return sorted(p.stem for p in pathlib.Path(directory).glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_recipe(name: str, preset: str = "", *,
+                directory: str | os.PathLike = RECIPES_DIR) -> ml_collections.ConfigDict:
+  """``get_config(preset)`` of ``recipes/<name>.py`` (or of a ``.py`` path)."""
+  path = pathlib.Path(name) if name.endswith(".py") else pathlib.Path(directory) / f"{name}.py"
+  if not path.is_file():
+    raise ValueError(f"unknown recipe {name!r}; valid recipes in {directory}: "
+                     f"{recipe_names(directory)}.")
+  spec = importlib.util.spec_from_file_location(f"jaxprune_recipe_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -367,7 +390,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   batch_sharding = NamedSharding(mesh, P("data"))
   model = make_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   tx = make_optimizer(config)
   if hasattr(tx, "view"):        # Straight-through methods: the first forward pass sees the view.
     params = tx.view(params)
@@ -391,12 +414,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   mngr = checkpoint_lib.manager(workdir, keep=config.keep_checkpoints)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-  restored = checkpoint_lib.restore_latest(mngr, abstract)
-  acc = Accumulators()
-  metrics_path = workdir / "metrics.jsonl"
-  start = 0
-  if restored is not None:
-    start, state, meta = restored
+  def check_meta(meta):
     diff = _config_diff(meta["config"], config_dict)
     if diff:
       raise ValueError("refusing to resume " + str(workdir) + " with a different config; "
@@ -405,6 +423,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if meta["corpus"]["sha256"] != corpus.fingerprint["sha256"]:
       raise ValueError(f"refusing to resume {workdir}: the corpus differs from the "
                        f"checkpoint's ({meta['corpus']} vs {corpus.fingerprint}).")
+
+  restored = checkpoint_lib.restore_latest(mngr, abstract, check_meta)
+  acc = Accumulators()
+  metrics_path = workdir / "metrics.jsonl"
+  start = 0
+  if restored is not None:
+    start, state, meta = restored
     acc = Accumulators(**meta["accumulators"])
     print(f"resumed from step {start} in {workdir}", file=sys.stderr)
   if _is_primary():  # Lines written after the checkpoint are recomputed identically.
@@ -415,9 +440,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     params = state["params"]
     loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, batch)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-           "step": state["step"] + 1}
-    return new, {"loss": loss, "active": count_active(params, prunable)}
+    new_params = optax.apply_updates(params, updates)
+    new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new, {"loss": loss, "active": count_active(new_params, prunable)}
 
   train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding),
                        out_shardings=(state_sh, None), donate_argnums=0)

@@ -18,6 +18,10 @@ environment) before training and runs the same command.
 
 from __future__ import annotations
 
+import os
+import pathlib
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,6 +32,38 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _field_names(config, prefix: str = "") -> list[str]:
+  names = []
+  for key, value in config.items():
+    names += _field_names(value, f"{prefix}{key}.") if hasattr(value, "items") else [prefix + key]
+  return names
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a clear message for an unknown ``--config.<field>``."""
+  from jaxprune import train
+
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None and not pathlib.Path(value.split(":", 1)[0]).is_file():
+      sys.exit(f"error: unknown recipe {value!r}: no such file; valid recipes in "
+               f"{train.RECIPES_DIR}: {train.recipe_names()}")
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value  # noqa: B018 -- config_flags loads lazily; surface recipe errors here.
+    return rest
+  except Exception as e:  # noqa: BLE001 -- config_flags raises AttributeError/KeyError/...
+
+    valid = _field_names(train.default_config())
+    unknown = [a.split("=", 1)[0][len("--config."):] for a in argv
+               if a.startswith("--config.") and a.split("=", 1)[0][len("--config."):] not in valid]
+    if unknown:
+      sys.exit(f"error: unknown config field(s) {unknown}; valid fields:\n  " +
+               "\n  ".join(valid))
+    sys.exit(f"error: {type(e).__name__}: {e}")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -36,7 +72,13 @@ def main(argv) -> None:
   import jax
 
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # JAX reads JAX_COORDINATOR_ADDRESS and detects the rest on TPU pods, SLURM, Open MPI and
+    # Kubernetes, but not JAX_NUM_PROCESSES / JAX_PROCESS_ID (jax/_src/distributed.py, 0.10 and
+    # 0.12): pass those on, for clusters it cannot detect (e.g. processes on one machine).
+    jax.distributed.initialize(**{
+        arg: int(os.environ[var]) for arg, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                   ("process_id", "JAX_PROCESS_ID"))
+        if os.environ.get(var)})
   from jaxprune import train
 
   report = train.train(_CONFIG.value, _WORKDIR.value)
@@ -45,4 +87,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
