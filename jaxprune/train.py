@@ -132,7 +132,13 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   return config
 
 
-RECIPES_DIR = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+def _recipes_dir() -> pathlib.Path:
+  """The checkout's ``recipes/`` (an editable install), else ``./recipes``."""
+  beside = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+  return beside if beside.is_dir() else pathlib.Path.cwd() / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def recipe_names(directory: str | os.PathLike = RECIPES_DIR) -> list[str]:
@@ -432,8 +438,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     start, state, meta = restored
     acc = Accumulators(**meta["accumulators"])
     print(f"resumed from step {start} in {workdir}", file=sys.stderr)
-  if _is_primary():  # Lines written after the checkpoint are recomputed identically.
-    kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+  # Lines written after the checkpoint are recomputed identically.
+  kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+  if _is_primary():
     _write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
   def step_fn(state, batch):
@@ -459,7 +466,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   schedule = learning_rate_schedule(config)
   tokens_per_step = config.batch_size * config.model.context
   show = config.progress and sys.stderr.isatty() and _is_primary()
-  pending, last = [], {}
+  pending, last = [], (kept[-1] if kept else {})   # A finished run only re-reports.
   mark = time.perf_counter()
   for step in range(start, config.steps):
     batch = data_lib.train_batch(corpus.train, step, batch_size=config.batch_size,

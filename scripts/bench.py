@@ -8,7 +8,11 @@ Run: ``python scripts/bench.py`` (add ``--quick`` for a smoke run). Prints
    pay, for reference);
 2. the mean train-step time of each wrapper vs plain ``optax.adam`` on a
    stack of four 1024x1024 Dense layers (batch 64, 200 steps, mask updates
-   every 10 steps towards 80% sparsity).
+   every 10 steps towards 80% sparsity);
+3. tokens/s of every recipe's train step at its default size (the byte-level
+   transformer of ``recipes/``) relative to the dense recipe, in the method's
+   sparse phase: GMP inside its ramp (masks every 10 steps), ASP after its
+   one-shot mask, STEP after its switch. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 import jaxprune
+from jaxprune import train
 
 
 def median_time(fn, *args, repeats: int = 20) -> float:
@@ -129,14 +136,66 @@ def bench_training(steps: int, rounds: int) -> None:
           f"ratio {ratio:5.3f} (median of {rounds})")
 
 
+def recipe_steps_per_s(name: str, steps: int) -> float:
+  """Train steps per second of a recipe at default size, in its sparse phase."""
+  config = train.load_recipe(name)
+  config.prune.begin_fraction = 0.0      # GMP: inside the ramp from the first step.
+  config.one_shot_fraction = 0.0         # ASP: masked from the first step.
+  config.step_t_max_fraction = 0.0       # STEP: switch forced after step 1.
+  graphdef, params = nnx.split(train.make_model(config), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  tx = train.make_optimizer(config)
+  state = tx.init(params)
+  batch = jnp.asarray(np.random.default_rng(0).integers(
+      0, 256, (config.batch_size, config.model.context + 1)), jnp.int32)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(train.loss_fn, argnums=1)(graphdef, params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(3):                       # Compile, then pass STEP's switch.
+    params, state = step(params, state)
+  jax.block_until_ready(params)
+  start = time.perf_counter()
+  for _ in range(steps):
+    params, state = step(params, state)
+  jax.block_until_ready(params)
+  return steps / (time.perf_counter() - start)
+
+
+def bench_recipes(steps: int, rounds: int) -> None:
+  config = train.load_recipe("dense")
+  tokens = config.batch_size * config.model.context
+  print(f"\n== recipes at default size ({tokens} tokens per step), {steps} steps, "
+        f"median of {rounds} rounds alternating with dense")
+  for name in train.recipe_names():
+    if name == "dense":
+      continue
+    ratios, dense_rates = [], []
+    for _ in range(rounds):
+      dense_rates.append(recipe_steps_per_s("dense", steps))
+      ratios.append(recipe_steps_per_s(name, steps) / dense_rates[-1])
+    ratio, dense = sorted(ratios)[len(ratios) // 2], sorted(dense_rates)[len(ratios) // 2]
+    print(f"{name:<22} {ratio * dense * tokens:9.0f} tokens/s  (dense {dense * tokens:7.0f})  "
+          f"ratio {ratio:5.3f}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+  parser.add_argument("--only", choices=("masks", "wrappers", "recipes"),
+                      help="run one section")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.local_device_count()} device(s)")
-  bench_masks(repeats=5 if args.quick else 30)
-  bench_training(steps=20 if args.quick else 200, rounds=1 if args.quick else 3)
+  if args.only in (None, "masks"):
+    bench_masks(repeats=5 if args.quick else 30)
+  if args.only in (None, "wrappers"):
+    bench_training(steps=20 if args.quick else 200, rounds=1 if args.quick else 3)
+  if args.only in (None, "recipes"):
+    bench_recipes(steps=5 if args.quick else 40, rounds=1 if args.quick else 3)
 
 
 if __name__ == "__main__":

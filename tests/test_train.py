@@ -22,6 +22,10 @@ from jaxprune import scaling, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
+def load_recipe(name, preset="tiny"):
+  return train.load_recipe(name, preset, directory=ROOT / "recipes")
+
+
 RECIPES = ("dense", "gmp", "nm_2of4_asp", "sr_ste_2of4", "step_2of4", "gradient_flow_1of8")
 
 
@@ -56,14 +60,14 @@ def tiny_runs(tmp_path_factory):
   runs = {}
   for name in RECIPES:
     workdir = tmp_path_factory.mktemp(name)
-    runs[name] = (workdir, train.train(train.load_recipe(name, "tiny"), workdir))
+    runs[name] = (workdir, train.train(load_recipe(name, "tiny"), workdir))
   return runs
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_invariants(tiny_runs, name):
   workdir, report = tiny_runs[name]
-  config = train.load_recipe(name, "tiny")
+  config = load_recipe(name, "tiny")
   assert report["eval_loss"] < math.log(256)          # Better than uniform bytes.
   assert report["eval_perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
   expected = {"dense": 0.0, "gmp": 0.75}.get(name, 1 - config.n / config.m)
@@ -87,7 +91,7 @@ def test_recipe_invariants(tiny_runs, name):
 def test_average_param_count_matches_scaling_library(tiny_runs):
   """The loop's measured mean of n_active(t) is the schedule's realised mean."""
   _, report = tiny_runs["gmp"]
-  config = train.load_recipe("gmp", "tiny")
+  config = load_recipe("gmp", "tiny")
   sizes = [r["size"] for r in report["sparsity_table"]["rows"] if r["selected"]]
   schedule = jaxprune.polynomial_schedule(
       0.0, 0.75, int(0.25 * config.steps), int(0.75 * config.steps),
@@ -136,7 +140,7 @@ def test_resume_is_exact_after_sigkill(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-  config = train.load_recipe("gmp", "tiny")
+  config = load_recipe("gmp", "tiny")
   straight = train.train(config, tmp_path / "straight")
   workdir = tmp_path / "run"
   shutil.copytree(tmp_path / "straight", workdir)
@@ -154,24 +158,25 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-  config = train.load_recipe("dense", "tiny")
+  config = load_recipe("dense", "tiny")
   config.steps = 20
-  train.train(config, tmp_path)
+  first = train.train(config, tmp_path)
   config.optimizer.lr = 1e-3
   config.model.width = 64
   with pytest.raises(ValueError, match=r"(?s)model\.width.*optimizer\.lr"):
     train.train(config, tmp_path)
-  config = train.load_recipe("dense", "tiny")
+  config = load_recipe("dense", "tiny")
   with pytest.raises(ValueError, match="steps: checkpoint 20 vs now 40"):
     train.train(config, tmp_path)     # Schedules depend on the length: not an extension.
   assert not (tmp_path / "corrupt_checkpoints").exists()
-  config = train.load_recipe("dense", "tiny")
+  config = load_recipe("dense", "tiny")
   config.steps, config.log_every = 20, 5       # Logging cadence may change.
-  assert train.train(config, tmp_path)["steps"] == 20
+  again = train.train(config, tmp_path)        # A finished run re-reports, trains no more.
+  assert again["eval_loss"] == first["eval_loss"] and again["tokens_seen"] == 20 * 8 * 32
 
 
 def _bad(tmp_path, **changes):
-  config = train.load_recipe("dense", "tiny")
+  config = load_recipe("dense", "tiny")
   for key, value in changes.items():
     target = config
     *parents, leaf = key.split(".")
@@ -183,9 +188,9 @@ def _bad(tmp_path, **changes):
 
 def test_bad_input(tmp_path):
   with pytest.raises(ValueError, match=r"unknown recipe 'nope'.*'gmp'"):
-    train.load_recipe("nope")
+    load_recipe("nope")
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
-    train.load_recipe("dense", "huge")
+    load_recipe("dense", "huge")
   with pytest.raises(ValueError, match=r"method.*one of"):
     _bad(tmp_path, method="lottery")()
   with pytest.raises(ValueError, match="does not exist"):
@@ -200,7 +205,7 @@ def test_bad_input(tmp_path):
     _bad(tmp_path, steps=0)()
   blocked = tmp_path / "file"
   blocked.write_text("")
-  config = train.load_recipe("dense", "tiny")
+  config = load_recipe("dense", "tiny")
   with pytest.raises(ValueError, match="not writable"):
     train.train(config, blocked / "sub")
   config.unknown_field = 1
