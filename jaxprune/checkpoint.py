@@ -12,6 +12,12 @@ complete, so a process killed mid-save leaves no step behind that looks
 finished. A step that is listed but cannot be read (files truncated or
 deleted after the fact) is moved aside to ``<workdir>/corrupt_checkpoints/``
 (never deleted), a warning is logged, and the previous step is tried.
+
+With several processes (``jax.distributed``), every process calls these
+functions on the same directory, which all of them must see (a shared file
+system): Orbax writes each shard once, from a process that holds it, and the
+step's metadata from process 0; process 0 alone moves a damaged step aside,
+and the others wait for it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -49,8 +57,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
 def _move_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
   root = pathlib.Path(str(mngr.directory))
   target = root.parent / CORRUPT_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
-  target.parent.mkdir(parents=True, exist_ok=True)
-  shutil.move(str(root / str(step)), str(target))
+  if jax.process_index() == 0:  # Every process finds the step unreadable; one moves it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(root / str(step)), str(target))
+  if jax.process_count() > 1:  # No process lists the steps again before the move is done.
+    multihost_utils.sync_global_devices(f"jaxprune_move_aside_{step}")
   mngr.reload()
   return target
 

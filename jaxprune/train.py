@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,8 +67,10 @@ from jaxprune import data as data_lib
 from jaxprune.models import transformer
 
 METHODS = ("dense", "gmp", "nm_asp", "ste", "sr_ste", "step", "gradient_flow")
-# Fields that may change between a run and its resumption without changing its result.
-RESUME_SAFE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "progress")
+# Fields that may change between a run and its resumption: logging and checkpoint cadence
+# (no change to the result), and the mesh (a resume on other hardware; the result then
+# matches to float rounding instead of bit for bit).
+RESUME_SAFE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "progress", "mesh")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -333,7 +336,7 @@ def _is_primary() -> bool:
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write-test-{os.getpid()}"
+    probe = workdir / f".write-test-{jax.process_index()}-{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -357,9 +360,11 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
   for key in sorted(set(saved) | set(current)):
     name = prefix + key
     a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+    if name in RESUME_SAFE_FIELDS:
+      continue
     if isinstance(a, dict) and isinstance(b, dict):
       fields += _config_diff(a, b, name + ".")
-    elif a != b and key not in RESUME_SAFE_FIELDS:
+    elif a != b:
       fields.append(f"{name}: checkpoint {a!r} vs now {b!r}")
   return fields
 
@@ -523,7 +528,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def make_report(config, config_dict, params, corpus, acc, total_params, last, pruned) -> dict:
   nm = (config.n, config.m) if config.method in ("nm_asp", "ste", "sr_ste", "step",
                                                   "gradient_flow") else None
-  params = jax.device_get(params)
+  # Every process calls this; a 'model' axis may span processes, so gather before fetching.
+  params = multihost_utils.process_allgather(params, tiled=True)
   summary = jaxprune.sparsity_summary(params, nm=nm,
                                       select=selection(config) if pruned else None)
   nonzero = sum(int(np.count_nonzero(p)) for p in jax.tree.leaves(params))

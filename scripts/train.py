@@ -11,9 +11,10 @@ from the newest checkpoint in ``--workdir``. Metrics go to
 ``workdir/metrics.jsonl``, the final report to ``workdir/report.{json,md}``
 and to stdout.
 
-On several hosts (TPU or GPU pods) pass ``--distributed``: every process
-calls ``jax.distributed.initialize()`` (which reads the cluster from the
-environment) before training and runs the same command.
+On several hosts (TPU or GPU pods) run the same command on every host with
+``--distributed``: it calls ``jax.distributed.initialize()`` first, which
+detects Cloud TPU, SLURM, Open MPI and Kubernetes clusters; elsewhere set
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
 """
 
 from __future__ import annotations
