@@ -403,8 +403,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   tx = make_optimizer(config)
-  if hasattr(tx, "view"):        # Straight-through methods: the first forward pass sees the view.
-    params = tx.view(params)
   pruned = config.method != "dense"
   specs = jaxprune.resolve(selection(config), params, config.sparsity) if pruned else None
   prunable = jax.tree.unflatten(jax.tree.structure(params),
@@ -416,7 +414,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
   shardings = state_shardings(mesh, params)
   params = jax.device_put(params, shardings)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init)(params)   # Master weights (STE family) start dense...
+  if hasattr(tx, "view"):                 # ...and the first forward pass sees their view.
+    params = tx.view(params)
   state = {"params": params, "opt_state": opt_state, "step": jnp.zeros([], jnp.int32)}
   state_sh = state_shardings(mesh, state)
   state = jax.device_put(state, state_sh)
@@ -425,6 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   mngr = checkpoint_lib.manager(workdir, keep=config.keep_checkpoints)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+
   def check_meta(meta):
     diff = _config_diff(meta["config"], config_dict)
     if diff:
