@@ -5,6 +5,7 @@ from jaxprune.compress import (
     CompressedParams,
     ErrorAnalysis,
     compress,
+    compress_params,
     compressed_size_report,
     decompress,
     error_analysis,

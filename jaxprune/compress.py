@@ -210,11 +210,11 @@ _kept_or_zero_jit = jax.jit(_kept_or_zero)
 def _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularity):
   """:func:`compress` on checked, resolved arguments; also returns the mask (or None).
 
-  A Python-number ``sparsity`` is a static jit argument; a traced one is not.
+  A Python-number (or None) ``sparsity`` is a static jit argument; a traced one is not.
   """
-  if isinstance(sparsity, numbers.Real):
-    mask_of = functools.partial(_mask_of_jit, sparsity=float(sparsity), nm=nm,
-                                axis=axis if nm else 0)
+  if sparsity is None or isinstance(sparsity, numbers.Real):
+    mask_of = functools.partial(_mask_of_jit, sparsity=None if sparsity is None else
+                                float(sparsity), nm=nm, axis=axis if nm else 0)
   else:
     mask_of = functools.partial(_mask_of, sparsity=sparsity, nm=nm, axis=axis)
   if isinstance(fmt, quant.Format):
@@ -365,6 +365,42 @@ def _run(x: np.ndarray, layout: LeafLayout, *, order: str = "sq", quantized: boo
   gran = layout.granularity if fmt else None
   y, mask = _compress_and_mask(x, fmt, sparsity, nm, layout.axis, order, block, gran)
   return np.asarray(y), None if mask is None else np.asarray(mask)
+
+
+def compress_params(
+    params,
+    fmt: str | quant.Format | None = None,
+    *,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    order: str = "sq",
+    select=None,
+    axis: int | None = None,
+    block_size: int | None = None,
+    granularity: str | None = None,
+):
+  """The fake-compressed parameter tree: :func:`compress` of every selected leaf.
+
+  What a model computes after post-training compression. Each selected leaf
+  ``w`` becomes ``compress(w, fmt, nm=nm, sparsity=..., axis=..., order=order,
+  ...)`` with the per-leaf settings that :func:`error_analysis` and
+  :func:`export_compressed` use, so with ``order='sq'`` it equals
+  ``decompress(export_compressed(params, ...))`` bit for bit; other leaves are
+  returned as they are. Compressed leaves come back as numpy arrays.
+
+  Args:
+    params: parameter tree.
+    fmt: a name in ``quant.FORMATS``, or None to only sparsify.
+    sparsity, nm, select, axis, block_size, granularity: as in
+      :func:`export_compressed`; none of ``sparsity``/``nm``: only quantize.
+    order: ``'sq'`` or ``'qs'``.
+  """
+  if order not in ORDERS:
+    raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
+  layouts = _layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity)
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten([_run(leaf, lay, order=order)[0] if lay.compressed else leaf
+                            for lay, leaf in zip(layouts, leaves, strict=True)])
 
 
 def _finite(path: str, x: np.ndarray) -> np.ndarray:
