@@ -191,9 +191,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
     tx = adamw
   elif method == "gmp":
     p = config.prune
+    # A ramp ending at fraction 1 ends at the last step, T - 1, so that it is reached.
     schedule = jaxprune.polynomial_schedule(
-        0.0, config.sparsity, int(p.begin_fraction * steps), int(p.end_fraction * steps),
-        power=p.power, frequency=p.frequency)
+        0.0, config.sparsity, int(p.begin_fraction * steps),
+        min(int(p.end_fraction * steps), steps - 1), power=p.power, frequency=p.frequency)
     tx = jaxprune.magnitude_pruning(adamw, schedule, select=sel)
   elif method == "nm_asp":
     tx = jaxprune.nm_pruning(adamw, config.n, config.m,
@@ -355,7 +356,8 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """``'field: checkpoint a vs now b'`` for every field that differs, but RESUME_SAFE_FIELDS."""
   fields = []
   for key in sorted(set(saved) | set(current)):
     name = prefix + key
@@ -363,7 +365,7 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     if name in RESUME_SAFE_FIELDS:
       continue
     if isinstance(a, dict) and isinstance(b, dict):
-      fields += _config_diff(a, b, name + ".")
+      fields += config_diff(a, b, name + ".")
     elif a != b:
       fields.append(f"{name}: checkpoint {a!r} vs now {b!r}")
   return fields
@@ -427,7 +429,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
 
   def check_meta(meta):
-    diff = _config_diff(meta["config"], config_dict)
+    diff = config_diff(meta["config"], config_dict)
     if diff:
       raise ValueError("refusing to resume " + str(workdir) + " with a different config; "
                        "fields that differ:\n  " + "\n  ".join(diff) +
