@@ -165,12 +165,12 @@ def recipe_steps_per_s(name: str, steps: int) -> float:
   return steps / (time.perf_counter() - start)
 
 
-def bench_recipes(steps: int, rounds: int) -> None:
+def bench_recipes(steps: int, rounds: int, names: list[str] | None = None) -> None:
   config = train.load_recipe("dense")
   tokens = config.batch_size * config.model.context
   print(f"\n== recipes at default size ({tokens} tokens per step), {steps} steps, "
         f"median of {rounds} rounds alternating with dense")
-  for name in train.recipe_names():
+  for name in names or train.recipe_names():
     if name == "dense":
       continue
     ratios, dense_rates = [], []
@@ -187,6 +187,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
   parser.add_argument("--only", choices=("masks", "wrappers", "recipes"),
                       help="run one section")
+  parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.local_device_count()} device(s)")
@@ -195,7 +196,8 @@ def main() -> None:
   if args.only in (None, "wrappers"):
     bench_training(steps=20 if args.quick else 200, rounds=1 if args.quick else 3)
   if args.only in (None, "recipes"):
-    bench_recipes(steps=5 if args.quick else 40, rounds=1 if args.quick else 3)
+    bench_recipes(steps=5 if args.quick else 40, rounds=1 if args.quick else 3,
+                  names=args.recipes.split(",") if args.recipes else None)
 
 
 if __name__ == "__main__":
