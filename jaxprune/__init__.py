@@ -32,6 +32,7 @@ from jaxprune.pruning import (
     magnitude_pruning,
     nm_pruning,
 )
+from jaxprune.qat import quantization, quantization_corrections, scale_bits, snapped_quantize
 from jaxprune.report import SparsitySummary, nm_valid, sparsity_summary
 from jaxprune.schedules import (
     applied_sparsity,

@@ -13,7 +13,14 @@ that move the params onto the next view::
 Pruned entries are emitted as ``-params``, so they land on exactly ``0.0``;
 kept entries land on ``view(W)`` up to the rounding of ``p + (v - p)``, which
 is exact whenever ``p`` and ``v`` are within a factor of two of each other
-(Sterbenz), i.e. in every ordinary step.
+(Sterbenz), i.e. in every ordinary step. A transform that needs more (e.g.
+quantization-aware training, whose params must stay on a number grid) passes
+a ``land_fn`` that checks the landing and counts what it corrects.
+
+When the inner optimizer is itself a :class:`ViewTransformation` (e.g.
+quantization around SR-STE), the views compose: the inner transform's params
+are this transform's master weights, which start from the inner view of the
+params, and ``view(params)`` applies the inner view first.
 
 Read the dense weights with :func:`master_params`; give the model the view of
 its freshly initialised params with ``params = tx.view(params)``, so that the
@@ -36,6 +43,8 @@ import optax
 from jaxprune import _checks, pruning
 from jaxprune import masks as masks_lib
 
+_INT32_MAX = 2**31 - 1
+
 
 class MasterWeightsState(NamedTuple):
   """State of a master-weight transform.
@@ -45,11 +54,16 @@ class MasterWeightsState(NamedTuple):
     master: a tree like params: the dense weights of selected leaves, a
       scalar placeholder for the others.
     count: number of ``update`` calls so far.
+    corrections: for transforms that check where the params land (a
+      ``land_fn``, e.g. :func:`jaxprune.quantization`), the number of entries,
+      summed over all steps, that did not land on the view; ``None`` for the
+      others.
   """
 
   inner_state: optax.OptState
   master: Any
   count: jax.Array
+  corrections: jax.Array | None = None
 
 
 class ViewTransformation(NamedTuple):
@@ -68,16 +82,48 @@ def _is_state(x) -> bool:
   return isinstance(x, MasterWeightsState)
 
 
+def _outermost_states(opt_state) -> list[MasterWeightsState]:
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+
+
+def _state_chain(opt_state) -> list[MasterWeightsState]:
+  """The master-weight states in ``opt_state``, outermost first, each inside the previous.
+
+  Raises unless there is exactly one at every level (a transform wrapping another, e.g.
+  quantization around SR-STE, is a chain of two).
+  """
+  chain, level = [], opt_state
+  while True:
+    found = _outermost_states(level)
+    if len(found) > 1 or (not found and not chain):
+      raise ValueError(
+          f"expected exactly one jaxprune master-weight state in `opt_state`, found {len(found)}"
+          + (" inside another one." if chain else "."))
+    if not found:
+      return chain
+    chain.append(found[0])
+    level = found[0].inner_state
+
+
 def _find_state(opt_state) -> MasterWeightsState:
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected exactly one jaxprune master-weight state in `opt_state`, found {len(found)}.")
-  return found[0]
+  """The innermost master-weight state of ``opt_state`` (see :func:`_state_chain`)."""
+  return _state_chain(opt_state)[-1]
+
+
+def _is_placeholder(w) -> bool:
+  # Selected leaves are never scalars (selection rejects them), so a 0-d master leaf is a
+  # placeholder for a leaf that the transform does not hold.
+  return jnp.ndim(w) == 0
 
 
 def master_params(opt_state, params=None):
   """The dense master weights held by a master-weight transform.
+
+  When master-weight transforms are nested (e.g. ``jaxprune.quantization``
+  around ``jaxprune.sr_ste``), each parameter is read from the innermost
+  transform that holds it: for SR-STE's parameters, SR-STE's dense weights
+  (not the sparse, unquantized weights that the quantization keeps between
+  the two); for parameters only the outer transform selects, its master.
 
   Args:
     opt_state: the optimizer state (the transform's own state, or any state
@@ -86,11 +132,14 @@ def master_params(opt_state, params=None):
       taken from it, so the result is a full parameter tree. Without it those
       leaves are scalar placeholders.
   """
-  state = _find_state(opt_state)
+  chain = _state_chain(opt_state)
+  master = chain[-1].master
+  for outer in reversed(chain[:-1]):
+    master = jax.tree.map(lambda w, o: o if _is_placeholder(w) else w, master, outer.master)
   if params is None:
-    return state.master
-  return jax.tree.map(lambda w, p: p if jnp.ndim(w) == 0 and jnp.ndim(p) else w,
-                      state.master, params)
+    return master
+  return jax.tree.map(lambda w, p: p if _is_placeholder(w) and jnp.ndim(p) else w,
+                      master, params)
 
 
 def dense_copy(plan, params):
@@ -107,14 +156,17 @@ def master_weight_transform(
     select,
     structure,
     sparsity: float,
-    view_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    view_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     grad_fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     mask_fn: Callable | None = None,
+    leaf_view_fn: Callable | None = None,
+    land_fn: Callable | None = None,
 ) -> ViewTransformation:
   """The engine shared by straight-through methods.
 
   Args:
-    inner: the optimizer that updates the dense master weights.
+    inner: the optimizer that updates the dense master weights; may itself be
+      a :class:`ViewTransformation` (see the module docstring).
     select: which parameters, see :func:`jaxprune.select`.
     structure: :data:`jaxprune.UNSTRUCTURED` or :func:`jaxprune.nm`.
     sparsity: target for unstructured masks (ignored for N:M).
@@ -126,7 +178,18 @@ def master_weight_transform(
     mask_fn: ``(leaf_plan, w, step) -> mask`` to override the structure's
       magnitude mask of ``|w|`` (e.g. for N:M patterns that change with the
       step); default: the structure's mask.
+    leaf_view_fn: ``(leaf_plan, w, mask, step) -> view``, instead of
+      ``view_fn``, for views that depend on the leaf (its path or axis).
+    land_fn: ``(leaf_plan, v, p) -> (u, misses)``: the update that moves the
+      params leaf ``p`` onto its new view ``v`` and the number of entries
+      where ``p + u`` is not ``v``; default ``v - p``, not counted. When
+      given, the state's ``corrections`` sums the misses.
   """
+  if (view_fn is None) == (leaf_view_fn is None):
+    raise ValueError("give exactly one of `view_fn` and `leaf_view_fn`.")
+  if leaf_view_fn is None:
+    leaf_view_fn = lambda leaf, w, mask, step: view_fn(w, mask, step)  # noqa: E731
+  base_view = inner.view if isinstance(inner, ViewTransformation) else None
   selection = pruning.as_selection(select)
 
   def plan_for(params):
@@ -140,19 +203,24 @@ def master_weight_transform(
 
   def view_leaves(plan, leaves, step):
     masks = masks_of(plan, leaves, step)
-    return [w if m is None else view_fn(w, m, step) for w, m in zip(leaves, masks, strict=True)]
+    return [w if m is None else leaf_view_fn(p, w, m, step)
+            for p, w, m in zip(plan, leaves, masks, strict=True)]
 
   @jax.jit
   def view(params):
+    if base_view is not None:
+      params = base_view(params)
     plan = plan_for(params)
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten(view_leaves(plan, leaves, jnp.zeros([], jnp.int32)))
 
   def init_fn(params):
+    plan = plan_for(params)
     return MasterWeightsState(
         inner_state=inner.init(params),
-        master=dense_copy(plan_for(params), params),
+        master=dense_copy(plan, params if base_view is None else base_view(params)),
         count=jnp.zeros([], jnp.int32),
+        corrections=None if land_fn is None else jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -173,12 +241,21 @@ def master_weight_transform(
              for plan_i, w, d in zip(plan, w_leaves, jax.tree.leaves(u), strict=True)]
     views = view_leaves(plan, new_w, step + 1)
     # Where the view is 0, v - p = -p exactly, so pruned entries land on 0.0.
-    out = [d if plan_i is None else (v - p).astype(p.dtype)
-           for plan_i, d, v, p in zip(plan, jax.tree.leaves(u), views, p_leaves, strict=True)]
+    out, corrections = [], state.corrections
+    for plan_i, d, v, p in zip(plan, jax.tree.leaves(u), views, p_leaves, strict=True):
+      if plan_i is None:
+        out.append(d)
+      elif land_fn is None:
+        out.append((v - p).astype(p.dtype))
+      else:
+        d, misses = land_fn(plan_i, v, p)
+        out.append(d.astype(p.dtype))
+        # Saturates at int32's maximum instead of wrapping around.
+        corrections = corrections + jnp.minimum(misses, _INT32_MAX - corrections)
     master = [m if plan_i is None else w for plan_i, m, w in
               zip(plan, jax.tree.leaves(state.master), new_w, strict=True)]
     return treedef.unflatten(out), MasterWeightsState(
-        inner_state, treedef.unflatten(master), optax.safe_int32_increment(step))
+        inner_state, treedef.unflatten(master), optax.safe_int32_increment(step), corrections)
 
   return ViewTransformation(init_fn, update_fn, view)
 

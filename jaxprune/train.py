@@ -522,6 +522,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
   report = make_report(config, config_dict, state["params"], corpus, acc, total_params,
                        last, pruned)
+  if config.quant.format:   # Entries that could not land on the quantization grid (see qat).
+    report["quant_corrections"] = int(jaxprune.quantization_corrections(state["opt_state"]))
   if _is_primary():
     _write_atomic(workdir / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(workdir / "report.md", report_markdown(report))

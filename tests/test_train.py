@@ -88,6 +88,23 @@ def test_recipe_invariants(tiny_runs, name):
   assert json.loads((workdir / "report.json").read_text())["eval_loss"] == report["eval_loss"]
 
 
+def test_sparse_quant_recipe_is_2of4_and_on_the_mxfp4_grid(tmp_path):
+  config = load_recipe("sparse_quant", "tiny")
+  report = train.train(config, tmp_path)
+  params = _final_state(tmp_path)["params"]
+  kernels = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if jaxprune.path_str(path).endswith("kernel") and "head" not in
+             jaxprune.path_str(path)]
+  assert len(kernels) == 6 and report["nm_valid"] is True
+  assert report["prunable_sparsity"] >= 0.5          # MXFP4 may round kept weights to 0 too.
+  for path, kernel in kernels:
+    # Exactly representable: MX blocks of 32 along the input axis (axis 0 of a Flax kernel).
+    np.testing.assert_array_equal(
+        np.asarray(jaxprune.quant.quantize(kernel, "mxfp4_e2m1", axis=0)), kernel, str(path))
+  assert report["quant_corrections"] == 0
+  assert report["eval_loss"] < math.log(256)
+
+
 def test_average_param_count_matches_scaling_library(tiny_runs):
   """The loop's measured mean of n_active(t) is the schedule's realised mean."""
   _, report = tiny_runs["gmp"]
