@@ -207,8 +207,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
     tx = jaxprune.step_adam(lr, config.n, config.m, b1=o.b1, b2=o.b2,
                             weight_decay=o.weight_decay, select=sel,
                             t_max=max(int(config.step_t_max_fraction * steps), 1))
-    tx = jaxprune.ViewTransformation(optax.chain(clip, tx).init,
-                                     optax.chain(clip, tx).update, tx.view)
+    clipped = optax.chain(clip, tx)   # STEP is the whole optimizer: clip before it.
+    tx = jaxprune.ViewTransformation(clipped.init, clipped.update, tx.view)
   elif method == "gradient_flow":
     g = config.gradient_flow
     tx = jaxprune.gradient_flow(
