@@ -13,6 +13,11 @@ from flax import nnx
 import jaxprune
 from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
 
+try:
+  from .nnx_models import Net
+except ImportError:
+  from nnx_models import Net
+
 # ----------------------------------------------------------------------------
 # Schedules.
 
@@ -231,18 +236,8 @@ def test_state_round_trips_through_orbax(tmp_path):
 
 
 def test_nnx_optimizer_under_jax_jit():
-  class Net(nnx.Module):
-
-    def __init__(self, rngs):
-      self.a = nnx.Linear(16, 32, rngs=rngs)
-      self.norm = nnx.LayerNorm(32, rngs=rngs)
-      self.b = nnx.Linear(32, 4, rngs=rngs)
-
-    def __call__(self, x):
-      return self.b(jax.nn.relu(self.norm(self.a(x))))
-
   total, finetune = 16, 6
-  model = Net(nnx.Rngs(0))
+  model = Net(nnx.Rngs(0), din=16, hidden=32)
   tx = gradient_flow(optax.adamw(1e-2), 1, 8, total_steps=total, dense_steps=4,
                      finetune_steps=finetune, coef=0.5)
   nnx.update(model, jax.jit(tx.view)(nnx.state(model, nnx.Param)))

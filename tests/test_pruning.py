@@ -12,6 +12,11 @@ from flax import nnx
 
 import jaxprune
 
+try:
+  from .nnx_models import mse_step
+except ImportError:
+  from nnx_models import mse_step
+
 
 class MLP(nnx.Module):
   """A small model with biases and a LayerNorm: leaves that must not be pruned."""
@@ -136,11 +141,7 @@ def test_nm_pruning_nnx_optimizer_invariants():
   optimizer = nnx.Optimizer(model, jaxprune.nm_pruning(optax.adamw(1e-2), 2, 4), wrt=nnx.Param)
   x, y = data()
 
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
+  step = mse_step(x, y)
 
   losses = []
   for _ in range(25):

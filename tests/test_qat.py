@@ -17,6 +17,11 @@ from hypothesis import strategies as st
 import jaxprune
 from jaxprune import qat, quant
 
+try:
+  from .nnx_models import mse_step
+except ImportError:
+  from nnx_models import mse_step
+
 MX = tuple(f for f in quant.FORMATS if f.startswith("mx"))
 NEG_ZERO = np.int32(-(2**31))
 
@@ -356,11 +361,7 @@ def test_chain_nnx_optimizer_and_jit():
   x = jax.random.normal(jax.random.key(1), (64, 8))
   y = jax.random.normal(jax.random.key(2), (64, 4))
 
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
+  step = mse_step(x, y)
 
   losses = []
   for _ in range(10):

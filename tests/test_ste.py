@@ -10,6 +10,11 @@ from flax import nnx
 
 import jaxprune
 
+try:
+  from .nnx_models import Net, mse_step
+except ImportError:
+  from nnx_models import Net, mse_step
+
 
 def capture_grads() -> optax.GradientTransformation:
   """An inner 'optimizer' that keeps the gradient it receives in its state, exactly."""
@@ -120,16 +125,6 @@ def test_unstructured_ste_and_master_params():
 
 
 def test_nnx_optimizer_chain_and_checkpoint(tmp_path):
-  class Net(nnx.Module):
-
-    def __init__(self, rngs):
-      self.a = nnx.Linear(8, 16, rngs=rngs)
-      self.norm = nnx.LayerNorm(16, rngs=rngs)
-      self.b = nnx.Linear(16, 4, rngs=rngs)
-
-    def __call__(self, x):
-      return self.b(jax.nn.relu(self.norm(self.a(x))))
-
   model = Net(nnx.Rngs(0))
   tx = jaxprune.sr_ste(optax.adamw(1e-2), 2, 4)
   nnx.update(model, tx.view(nnx.state(model, nnx.Param)))  # first forward sees the view
@@ -138,11 +133,7 @@ def test_nnx_optimizer_chain_and_checkpoint(tmp_path):
   x = jax.random.normal(jax.random.key(1), (32, 8))
   y = jax.random.normal(jax.random.key(2), (32, 4))
 
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
+  step = mse_step(x, y)
 
   losses = []
   for _ in range(20):

@@ -11,6 +11,11 @@ from flax import nnx
 import jaxprune
 from jaxprune import step as step_lib
 
+try:
+  from .nnx_models import Net, mse_step
+except ImportError:
+  from nnx_models import Net, mse_step
+
 
 def normal(seed, *shape):
   """NumPy random data: JAX's RNG would compile a kernel per shape (seconds per test)."""
@@ -261,28 +266,13 @@ def test_plain_optax_loop_nm_every_step_frozen_v_and_adamw_biases():
   assert losses[-1] < losses[5]
 
 
-class Net(nnx.Module):
-
-  def __init__(self, rngs):
-    self.a = nnx.Linear(8, 16, rngs=rngs)
-    self.norm = nnx.LayerNorm(16, rngs=rngs)
-    self.b = nnx.Linear(16, 4, rngs=rngs)
-
-  def __call__(self, x):
-    return self.b(jax.nn.relu(self.norm(self.a(x))))
-
-
 def test_nnx_optimizer_and_orbax_round_trip(tmp_path):
   model = Net(nnx.Rngs(0))
   tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=8)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x, y = normal(1, 32, 8), normal(2, 32, 4)
 
-  @nnx.jit
-  def train_step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
+  train_step = mse_step(x, y)
 
   losses = []
   for t in range(1, 25):
