@@ -13,6 +13,7 @@ from jaxprune.compress import (
     load_compressed,
     save_compressed,
 )
+from jaxprune.dst import connectivity_update, drop_fraction_schedule, rigl, set_pruning
 from jaxprune.masks import (
     NM,
     UNSTRUCTURED,
@@ -31,6 +32,8 @@ from jaxprune.pruning import (
     PruningState,
     magnitude_pruning,
     nm_pruning,
+    random_pruning,
+    saliency_pruning,
 )
 from jaxprune.qat import quantization, quantization_corrections, scale_bits, snapped_quantize
 from jaxprune.report import SparsitySummary, nm_valid, sparsity_summary

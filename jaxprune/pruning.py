@@ -1,4 +1,4 @@
-"""Drop-in pruning transforms: gradual magnitude pruning and fixed N:M (ASP).
+"""Drop-in pruning transforms: gradual magnitude, saliency and random pruning; fixed N:M (ASP).
 
 Each transform wraps an inner optimizer and keeps the user's loop unchanged::
 
@@ -18,8 +18,9 @@ for a selected parameter ``w`` with mask ``M`` and inner update ``u``,
 
 so ``apply_updates`` lands pruned entries on exactly ``0.0`` and the inner
 optimizer's moments never see a gradient for them (as NVIDIA's ASP does). At a
-mask-update step the new mask is computed from the current weights ``|w|``
-(before the step's update, as TF-MOT does) and applied in the same step: the
+mask-update step the new mask is computed from the current weights (their
+score: ``|w|``, ``|w * g|`` or random, before the step's update, as TF-MOT
+does; already-pruned weights score lowest) and applied in the same step: the
 gradient, the inner update and the weights all see it. Between mask updates
 the extra work is elementwise selects that XLA fuses into the optimizer's
 update.
@@ -47,6 +48,7 @@ from jaxprune import schedules as schedules_lib
 from jaxprune import selection as selection_lib
 
 SCOPES = ("layer", "global")
+SCORES = ("magnitude", "saliency", "random")
 
 
 class PruningState(NamedTuple):
@@ -137,7 +139,6 @@ def _mask_leaves(
     sparsity: jax.Array,
     final: float | None,
     structure,
-    normalize: bool,
 ) -> list[jax.Array | None]:
   """New masks for the planned leaves at target ``sparsity`` (None elsewhere).
 
@@ -163,8 +164,6 @@ def _mask_leaves(
   shared = [i for i, leaf in enumerate(plan) if leaf is not None and leaf.in_global]
   if shared:
     leaf_scores = [scores[i] for i in shared]
-    if normalize:
-      leaf_scores = [masks_lib.l2_normalized(s) for s in leaf_scores]
     total = sum(math.prod(plan[i].shape) for i in shared)
     for i, mask in zip(shared, masks_lib.bottom_k_masks(
         leaf_scores, count(plan[shared[0]].sparsity, total)), strict=True):
@@ -172,6 +171,28 @@ def _mask_leaves(
   for i, leaf in enumerate(plan):
     if leaf is not None and not leaf.in_global:
       out[i] = masks_lib.bottom_k_masks([scores[i]], count(leaf.sparsity, math.prod(leaf.shape)))[0]
+  return out
+
+
+def _scores(score: str, plan, params, grads, key) -> list[jax.Array | None]:
+  """float32 scores of the planned leaves (None elsewhere).
+
+  ``'magnitude'``: ``|w|``. ``'saliency'``: ``|w * g|`` with this step's
+  gradient, the first-order Taylor estimate of the loss change from removing
+  ``w`` (Molchanov et al. 2017; SNIP, Lee et al. 2019, when pruned once at
+  step 0). ``'random'``: uniform in [0, 1), a fresh draw per update step.
+  """
+  out: list[jax.Array | None] = [None] * len(plan)
+  for i, leaf in enumerate(plan):
+    if leaf is None:
+      continue
+    w = params[i].astype(jnp.float32)
+    if score == "magnitude":
+      out[i] = jnp.abs(w)
+    elif score == "saliency":
+      out[i] = jnp.abs(w * grads[i].astype(jnp.float32))
+    else:
+      out[i] = jax.random.uniform(jax.random.fold_in(key, i), leaf.shape)
   return out
 
 
@@ -196,9 +217,12 @@ def _pruning_transform(
     scope: str,
     select,
     normalize: bool,
+    score: str = "magnitude",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
-  """The shared engine of :func:`magnitude_pruning` and :func:`nm_pruning`."""
+  """The shared engine of every pruner here: a score x a structure x a schedule."""
   selection = as_selection(select)
+  key = jax.random.key(seed)
 
   def plan_for(params):
     final = _final_sparsity(schedule)
@@ -227,9 +251,16 @@ def _pruning_transform(
     step = state.count
 
     def recompute():
-      scores = [jnp.abs(p) for p in jax.tree.leaves(params)]
-      fresh = _mask_leaves(plan, scores, schedule(step), final, structure, normalize)
       old = jax.tree.leaves(state.masks)
+      scores = _scores(score, plan, jax.tree.leaves(params), jax.tree.leaves(updates),
+                       jax.random.fold_in(key, step))
+      for i, leaf in enumerate(plan):
+        if leaf is not None:
+          if normalize and leaf.in_global:
+            scores[i] = masks_lib.l2_normalized(scores[i])
+          # Pruned entries score below every other: they stay pruned as the target grows.
+          scores[i] = jnp.where(old[i], scores[i], -1.0)
+      fresh = _mask_leaves(plan, scores, schedule(step), final, structure)
       return jax.tree.structure(state.masks).unflatten(
           [o if f is None else f for o, f in zip(old, fresh, strict=True)])
 
@@ -285,6 +316,70 @@ def magnitude_pruning(
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
+  return _scored_pruning(inner, sparsity, structure=structure, scope=scope, select=select,
+                         normalize=normalize, score="magnitude", seed=0)
+
+
+def saliency_pruning(
+    inner: optax.GradientTransformation,
+    sparsity: float | Callable[[Any], Any],
+    *,
+    structure: masks_lib.Unstructured | masks_lib.NM = masks_lib.UNSTRUCTURED,
+    scope: str = "layer",
+    select=None,
+    normalize: bool = False,
+) -> optax.GradientTransformation:
+  """Pruning by saliency ``|w * g|`` (first-order Taylor) around any optimizer.
+
+  :func:`magnitude_pruning` with the score ``|w * g|``, where ``g`` is the
+  gradient given to ``update`` at the mask-update step (the first-order
+  estimate of the loss change when ``w`` is removed; Molchanov et al. 2017).
+  With a float ``sparsity`` the mask is computed once from the first step's
+  gradient: SNIP (Lee et al. 2019), pruning at initialisation. Scores are
+  single-batch estimates; already-pruned weights stay pruned (their score is
+  below every other). Arguments as :func:`magnitude_pruning`.
+  """
+  return _scored_pruning(inner, sparsity, structure=structure, scope=scope, select=select,
+                         normalize=normalize, score="saliency", seed=0)
+
+
+def random_pruning(
+    inner: optax.GradientTransformation,
+    sparsity: float | Callable[[Any], Any],
+    *,
+    structure: masks_lib.Unstructured | masks_lib.NM = masks_lib.UNSTRUCTURED,
+    select=None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  """Random pruning around any optimizer; a float ``sparsity`` is static random sparse training.
+
+  Each selected layer prunes exactly ``round(s_l * size_l)`` weights chosen
+  uniformly at random (for N:M, ``n`` random weights kept per group) at the
+  schedule's update steps; with a float ``sparsity`` the random mask is drawn
+  once, at the first step, and held: the classic random sparse baseline
+  (e.g. Liu et al. 2022, "The Unreasonable Effectiveness of Random Pruning"),
+  with per-layer sparsities from ``select``'s ``distribution`` (``'erk'``
+  gives Erdos-Renyi-Kernel). With a schedule, each update prunes further
+  random weights among the surviving ones. The draw depends only on ``seed``
+  and the step, so a resumed run draws the same masks.
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: a float in [0, 1) or a schedule, as in :func:`magnitude_pruning`.
+    structure: :data:`jaxprune.UNSTRUCTURED` or :func:`jaxprune.nm`.
+    select: which parameters, see :func:`jaxprune.select`.
+    seed: an integer seed for the random scores.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
+  """
+  seed = _checks.check_int("seed", seed)
+  return _scored_pruning(inner, sparsity, structure=structure, scope="layer", select=select,
+                         normalize=False, score="random", seed=seed)
+
+
+def _scored_pruning(inner, sparsity, *, structure, scope, select, normalize, score, seed):
+  """Validates the arguments shared by the pruners, then builds the transform."""
   if scope not in SCOPES:
     raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
   if not isinstance(structure, masks_lib.Unstructured | masks_lib.NM):
@@ -303,8 +398,8 @@ def magnitude_pruning(
   if not callable(sparsity):
     _checks.check_sparsity("sparsity", sparsity)
   schedule = schedules_lib.as_schedule(sparsity)
-  return _pruning_transform(
-      inner, schedule, structure=structure, scope=scope, select=select, normalize=normalize)
+  return _pruning_transform(inner, schedule, structure=structure, scope=scope, select=select,
+                            normalize=normalize, score=score, seed=seed)
 
 
 def nm_pruning(

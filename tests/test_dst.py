@@ -1,0 +1,389 @@
+"""Dynamic sparse training (SET, RigL), random and saliency pruning."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+
+try:
+  from .nnx_models import Net, mse_step
+except ImportError:
+  from nnx_models import Net, mse_step
+
+
+def _f(drop_fraction, t, end_step):
+  return drop_fraction / 2 * (1 + math.cos(math.pi * min(t, end_step) / end_step))
+
+
+def _num_drop(drop_fraction, t, end_step, active, size):
+  return min(math.floor(np.float32(_f(drop_fraction, t, end_step)) * active), size - active)
+
+
+# ----------------------------------------------------------------------------
+# The drop fraction and one connectivity update, by hand.
+
+
+def test_drop_fraction_schedule_closed_form():
+  f = jaxprune.drop_fraction_schedule(0.3, 1000)
+  np.testing.assert_allclose(float(f(0)), 0.3, rtol=1e-6)
+  np.testing.assert_allclose(float(f(500)), 0.15, rtol=1e-6)
+  np.testing.assert_allclose(float(f(250)), 0.15 * (1 + math.sqrt(0.5)), rtol=1e-6)
+  assert float(f(1000)) == 0.0 and float(f(5000)) == 0.0
+
+
+def test_connectivity_update_hand_case():
+  mask = jnp.array([[1, 1, 0, 0], [1, 0, 1, 0]], bool)
+  weights = jnp.array([[0.5, -0.1, 0.0, 0.0], [-0.3, 0.0, 0.2, 0.0]])
+  grow = jnp.array([[9.0, 9.0, 0.4, 0.7], [9.0, 0.1, 9.0, 0.7]])
+  # Drop 2 active: |w| = 0.1 at (0, 1) and 0.2 at (1, 2). Grow 2 inactive: the 0.7s, with
+  # (0, 3) and (1, 3) tied at 0.7 and both taken; the 9.0s are active and not candidates.
+  new = jaxprune.connectivity_update(mask, weights, grow, 2, 4)
+  np.testing.assert_array_equal(new, [[1, 0, 0, 1], [1, 0, 0, 1]])
+  # A tie across the cut keeps the lower flat index: one to grow among two 0.7s.
+  new = jaxprune.connectivity_update(mask, weights, grow, 1, 4)
+  np.testing.assert_array_equal(new, [[1, 0, 0, 1], [1, 0, 1, 0]])
+  # Nothing to move.
+  np.testing.assert_array_equal(jaxprune.connectivity_update(mask, weights, grow, 0, 4), mask)
+
+
+_connectivity_update = jax.jit(jaxprune.connectivity_update)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), size=st.sampled_from([2, 7, 64]))
+def test_connectivity_update_properties(data, size):
+  active = data.draw(st.integers(1, size - 1), label="active")
+  num_drop = data.draw(st.integers(0, min(active, size - active)), label="num_drop")
+  order = data.draw(st.permutations(range(size)), label="order")
+  mask = np.zeros(size, bool)
+  mask[list(order[:active])] = True
+  distinct = st.lists(st.floats(-10, 10, width=32), min_size=size, max_size=size, unique=True)
+  weights = np.asarray(data.draw(distinct, label="weights"), np.float32)
+  assume_distinct = np.unique(np.abs(weights)).size == size
+  grow = np.abs(np.asarray(data.draw(distinct, label="grow"), np.float32))
+  new = np.asarray(_connectivity_update(
+      jnp.asarray(mask), jnp.asarray(weights), jnp.asarray(grow), num_drop, active))
+  dropped, grown = mask & ~new, new & ~mask
+  assert new.sum() == active
+  assert dropped.sum() == grown.sum() == num_drop
+  assert not (dropped & grown).any()
+  if num_drop and assume_distinct:
+    # Every dropped |w| is below every kept one; every grown score above every not grown.
+    assert np.abs(weights[dropped]).max() < np.abs(weights[mask & new]).min(initial=np.inf)
+  if num_drop and np.unique(grow[~mask]).size == (~mask).sum():
+    assert grow[grown].min() > grow[~mask & ~new].max(initial=-np.inf)
+
+
+# ----------------------------------------------------------------------------
+# RigL and SET against a step-by-step reference (plain pytree, SGD).
+
+
+def _params(key):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"dense": {"kernel": jax.random.normal(k1, (16, 8)), "bias": jax.random.normal(k2, (8,))},
+          "out": {"kernel": jax.random.normal(k3, (8, 4))}}
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_every_update_matches_the_rule(method):
+  lr, sparsity, drop_fraction, every, end = 0.05, 0.75, 0.5, 3, 16
+  make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
+  tx = make(optax.sgd(lr), sparsity, drop_fraction=drop_fraction, update_every=every,
+            end_step=end, seed=3)
+  params = _params(jax.random.key(0))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  actives = {"dense": 32, "out": 8}
+  for name, k in actives.items():
+    assert int(state.masks[name]["kernel"].sum()) == k
+  changed_steps = []
+  for t in range(20):
+    grads = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(100 + t), p.shape),
+                         params)
+    old = state.masks
+    updates, state = update(grads, state, params)
+    new_params = optax.apply_updates(params, updates)
+    for name, k in actives.items():
+      m_old = np.asarray(old[name]["kernel"])
+      m_new = np.asarray(state.masks[name]["kernel"])
+      w, g = np.asarray(params[name]["kernel"]), np.asarray(grads[name]["kernel"])
+      p_new = np.asarray(new_params[name]["kernel"])
+      size = m_old.size
+      assert m_new.sum() == k                               # the active count never changes
+      assert (p_new[~m_new] == 0).all()                     # inactive weights are exactly 0
+      dropped, grown = m_old & ~m_new, m_new & ~m_old
+      assert not (dropped & grown).any()
+      expect = _num_drop(drop_fraction, t, end, k, size) if (
+          t > 0 and t % every == 0 and t < end) else 0
+      assert dropped.sum() == grown.sum() == expect, (t, name)
+      if expect:
+        changed_steps.append(t)
+        # Drop on the updated weights w - lr * g (inactive ones are 0); SGD's own arithmetic.
+        updated = np.where(m_old, w + np.float32(-lr) * g, 0)
+        assert np.abs(updated[dropped]).max() <= np.abs(updated[m_old & m_new]).min()
+        assert (p_new[grown] == 0).all()                    # grown weights start at zero
+        if method == "rigl":                                # grown: largest |g| among inactive
+          assert np.abs(g[grown]).min() >= np.abs(g[~m_old & ~m_new]).max()
+      else:
+        np.testing.assert_array_equal(m_new, m_old)
+    np.testing.assert_array_equal(new_params["dense"]["bias"],  # bias: plain SGD, not pruned
+                                  params["dense"]["bias"] - np.float32(lr) * grads["dense"]["bias"])
+    params = new_params
+  # At step 15, f = 0.0048 moves floor(0.15) = 0 of 32: no change.
+  assert sorted(set(changed_steps)) == [3, 6, 9, 12]
+
+
+def test_grown_moments_are_reset_and_others_untouched():
+  inner = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(1e-2, b1=0.9, b2=0.99))
+  tx = jaxprune.rigl(inner, 0.5, drop_fraction=1.0, update_every=1, end_step=100)
+  params = _params(jax.random.key(1))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  stale = 0   # grown weights whose moments, from an earlier life, had to be reset
+  for t in range(6):
+    grads = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(7 + t), p.shape), params)
+    before = state
+    updates, state = update(grads, state, params)
+    # The inner optimizer stepped by hand on the gradients masked with the old mask.
+    masked = jaxprune.pruning.mask_gradients(grads, before.masks)
+    _, reference = inner.update(masked, before.inner_state, params)
+    adam, adam_ref = state.inner_state[1][0], reference[1][0]
+    for moment, ref in ((adam.mu, adam_ref.mu), (adam.nu, adam_ref.nu)):
+      # (The clip's global norm sums in another order under jit than eagerly.)
+      np.testing.assert_allclose(moment["dense"]["bias"], ref["dense"]["bias"], rtol=1e-6)
+      for name in ("dense", "out"):
+        grown = np.asarray(state.masks[name]["kernel"] & ~before.masks[name]["kernel"])
+        m, r = np.asarray(moment[name]["kernel"]), np.asarray(ref[name]["kernel"])
+        assert (m[grown] == 0).all()
+        stale += int((r[grown] != 0).sum())
+        np.testing.assert_allclose(m[~grown], r[~grown], rtol=1e-6, atol=1e-12)
+    params = optax.apply_updates(params, updates)
+  assert stale > 0
+
+
+def test_sgd_momentum_trace_is_reset():
+  tx = jaxprune.set_pruning(optax.sgd(0.1, momentum=0.9), 0.5, drop_fraction=1.0,
+                            update_every=2, end_step=10)
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  state = tx.init(params)
+  for _ in range(3):
+    before = state
+    updates, state = tx.update({"w": jnp.ones((4, 4))}, state, params)
+    params = optax.apply_updates(params, updates)
+  grown = np.asarray(state.masks["w"] & ~before.masks["w"])
+  assert grown.sum() == math.floor(np.float32(_f(1.0, 2, 10)) * 8)
+  trace = np.asarray(state.inner_state[0].trace["w"])
+  assert (trace[grown] == 0).all() and (trace[np.asarray(state.masks["w"]) & ~grown] != 0).all()
+
+
+# ----------------------------------------------------------------------------
+# A real NNX model: biases and LayerNorm in the tree, invariants after every update.
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_nnx_model_with_biases_and_layernorm(method, distribution):
+  make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
+  model = Net(nnx.Rngs(0), din=8, hidden=32, dout=8)
+  tx = make(optax.adamw(1e-2), 0.8, drop_fraction=0.3, update_every=4, end_step=40,
+            distribution=distribution)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  y = jax.random.normal(jax.random.key(2), (64, 8))
+  step = mse_step(x, y)
+  shapes = {"a": (8, 32), "b": (32, 8)}
+  targets = (jaxprune.erk_sparsities(shapes, 0.8) if distribution == "erk"
+             else dict.fromkeys(shapes, 0.8))
+  active = {n: math.prod(s) - round(targets[n] * math.prod(s)) for n, s in shapes.items()}
+  norm_scale = np.asarray(model.norm.scale[...])
+  losses, moved = [], 0
+  masks = {n: np.asarray(optimizer.opt_state.masks[n]["kernel"][...]) for n in shapes}
+  for t in range(45):
+    losses.append(float(step(model, optimizer)))
+    state = optimizer.opt_state
+    for n in shapes:
+      mask = np.asarray(state.masks[n]["kernel"][...])
+      kernel = np.asarray(getattr(model, n).kernel[...])
+      assert mask.sum() == active[n]
+      assert (kernel[~mask] == 0).all()
+      assert (kernel != 0).sum() <= active[n]
+      dropped, grown = masks[n] & ~mask, mask & ~masks[n]
+      assert dropped.sum() == grown.sum() and not (dropped & grown).any()
+      if grown.any():
+        moved += int(grown.sum())
+        assert t % 4 == 0 and 0 < t < 40
+        assert (kernel[grown] == 0).all()
+        mu = np.asarray(state.inner_state[0].mu[n]["kernel"][...])
+        nu = np.asarray(state.inner_state[0].nu[n]["kernel"][...])
+        assert (mu[grown] == 0).all() and (nu[grown] == 0).all()
+      masks[n] = mask
+    # Non-pruned leaves: biases and the norm are trained, dense, with scalar masks.
+    assert np.ndim(state.masks["a"]["bias"][...]) == 0
+    assert (np.asarray(model.a.bias[...]) != 0).all()
+    assert not np.array_equal(np.asarray(model.norm.scale[...]), norm_scale)
+  assert moved > 0
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_static_random_sparse_training_when_drop_fraction_is_zero():
+  tx = jaxprune.set_pruning(optax.adam(1e-2), 0.9, drop_fraction=0.0, update_every=1,
+                            end_step=100)
+  params = _params(jax.random.key(2))
+  state = tx.init(params)
+  first = jax.tree.map(np.asarray, state.masks)
+  update = jax.jit(tx.update)
+  for _ in range(5):
+    updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(state.masks), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_seed_determines_masks_and_set_growth():
+  params = _params(jax.random.key(3))
+  a = jaxprune.set_pruning(optax.sgd(0.1), 0.5, end_step=10, seed=0).init(params).masks
+  b = jaxprune.set_pruning(optax.sgd(0.1), 0.5, end_step=10, seed=0).init(params).masks
+  c = jaxprune.set_pruning(optax.sgd(0.1), 0.5, end_step=10, seed=1).init(params).masks
+  np.testing.assert_array_equal(a["dense"]["kernel"], b["dense"]["kernel"])
+  assert not np.array_equal(a["dense"]["kernel"], c["dense"]["kernel"])
+
+
+def test_sparsity_zero_keeps_everything_and_nothing_moves():
+  tx = jaxprune.rigl(optax.sgd(0.1), 0.0, update_every=1, end_step=10)
+  params = _params(jax.random.key(4))
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert all(bool(m.all()) for m in jax.tree.leaves(state.masks))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jaxprune.rigl(optax.sgd(1.0), 1.0, end_step=10), r"`sparsity` must be in \[0, 1\)"),
+    (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, drop_fraction=1.5, end_step=10),
+     r"`drop_fraction` must be in \[0, 1\]"),
+    (lambda: jaxprune.set_pruning(optax.sgd(1.0), 0.5, update_every=0, end_step=10),
+     r"`update_every` must be >= 1"),
+    (lambda: jaxprune.set_pruning(optax.sgd(1.0), 0.5, end_step=0), r"`end_step` must be >= 1"),
+    (lambda: jaxprune.set_pruning(optax.sgd(1.0), 0.5, end_step=10, distribution="er"),
+     r"`distribution` must be one of"),
+    (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10.0), r"`end_step` must be an integer"),
+    (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10, distribution="uniform",
+                           select=jaxprune.select(distribution="erk")), r"contradicts"),
+])
+def test_bad_arguments(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_bad_trees():
+  params = _params(jax.random.key(5))
+  with pytest.raises(ValueError, match="matches no leaf"):
+    jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10, select="attention").init(params)
+  tx = jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="needs `params`"):
+    tx.update(params, state)
+  with pytest.raises(ValueError, match="tree structure"):
+    tx.update({"dense": params["dense"]}, state, params)
+
+
+# ----------------------------------------------------------------------------
+# Saliency |w * g| and random scores for the Core pruners.
+
+
+def test_saliency_pruning_hand_case():
+  w = jnp.array([[4.0, 1.0, -2.0, 0.5]])
+  g = jnp.array([[0.1, 3.0, 1.0, -8.0]])   # |w g| = 0.4, 3, 2, 4 ; |w| ranks differently
+  params = {"layer": {"kernel": w}}
+  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, select="kernel")
+  updates, state = tx.update({"layer": {"kernel": g}}, tx.init(params), params)
+  np.testing.assert_array_equal(state.masks["layer"]["kernel"], [[0, 1, 0, 1]])
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)["layer"]["kernel"],
+                                [[0.0, 1.0, 0.0, 0.5]])
+  magnitude = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, select="kernel")
+  _, mstate = magnitude.update({"layer": {"kernel": g}}, magnitude.init(params), params)
+  np.testing.assert_array_equal(mstate.masks["layer"]["kernel"], [[1, 0, 1, 0]])
+
+
+def test_saliency_global_nm_and_gradual():
+  params = _params(jax.random.key(6))
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(9), p.shape), params)
+  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, scope="global")
+  _, state = tx.update(grads, tx.init(params), params)
+  scores = np.concatenate([np.abs(np.asarray(params[n]["kernel"] * grads[n]["kernel"])).ravel()
+                           for n in ("dense", "out")])
+  kept = np.concatenate([np.asarray(state.masks[n]["kernel"]).ravel() for n in ("dense", "out")])
+  assert kept.sum() == 80 and scores[kept].min() > scores[~kept].max()
+  nm = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, structure=jaxprune.nm(2, 4))
+  _, state = nm.update(grads, nm.init(params), params)
+  assert jaxprune.nm_valid(np.asarray(state.masks["dense"]["kernel"]), 2, 4, 0)
+
+
+def test_gradual_pruning_keeps_pruned_weights_pruned_on_ties():
+  # A live weight that is exactly 0 ties with the pruned ones: raising the target
+  # must not revive a pruned weight in its place.
+  schedule = jaxprune.polynomial_schedule(0.25, 0.5, 0, 1, frequency=1)
+  params = {"w": jnp.array([[3.0, 0.0, 2.0, 1.0]])}
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), schedule, select="w")
+  state = tx.init(params)
+  masks = []
+  for _ in range(2):
+    updates, state = tx.update({"w": jnp.zeros((1, 4))}, state, params)
+    params = optax.apply_updates(params, updates)
+    masks.append(np.asarray(state.masks["w"]))
+  np.testing.assert_array_equal(masks[0], [[1, 0, 1, 1]])
+  np.testing.assert_array_equal(masks[1], [[1, 0, 1, 0]])
+
+
+@settings(max_examples=8, deadline=None)
+@given(sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**31 - 1),
+       shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=24))
+def test_random_pruning_static_exact_count_and_held(sparsity, seed, shape):
+  params = {"k": jnp.ones(shape)}
+  tx = jaxprune.random_pruning(optax.sgd(0.1), sparsity, seed=seed, select="k")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  first = None
+  for _ in range(2):
+    updates, state = update({"k": jnp.ones(shape)}, state, params)
+    params = optax.apply_updates(params, updates)
+    mask = np.asarray(state.masks["k"])
+    assert (~mask).sum() == round(sparsity * math.prod(shape))
+    assert (np.asarray(params["k"])[~mask] == 0).all()
+    first = mask if first is None else first
+    np.testing.assert_array_equal(mask, first)
+
+
+def test_random_pruning_seeds_nm_and_gradual_nesting():
+  params = {"k": jnp.ones((16, 16))}
+  masks = [jaxprune.random_pruning(optax.sgd(0.0), 0.5, seed=s).update(
+      {"k": jnp.ones((16, 16))}, jaxprune.random_pruning(optax.sgd(0.0), 0.5, seed=s).init(
+          params), params)[1].masks["k"] for s in (0, 0, 1)]
+  np.testing.assert_array_equal(masks[0], masks[1])
+  assert not np.array_equal(masks[0], masks[2])
+  nm = jaxprune.random_pruning(optax.sgd(0.0), 0.75, structure=jaxprune.nm(1, 4))
+  _, state = nm.update({"k": jnp.ones((16, 16))}, nm.init(params), params)
+  assert jaxprune.nm_valid(np.asarray(state.masks["k"]), 1, 4, 0)
+  # Gradual random pruning: each update prunes further among the survivors.
+  schedule = jaxprune.polynomial_schedule(0.0, 0.8, 0, 4, frequency=1)
+  tx = jaxprune.random_pruning(optax.sgd(0.0), schedule, seed=2)
+  state = tx.init(params)
+  previous = np.ones((16, 16), bool)
+  for t in range(5):
+    _, state = tx.update({"k": jnp.ones((16, 16))}, state, params)
+    mask = np.asarray(state.masks["k"])
+    # As magnitude pruning: round(s(t) / s_final * k_final), k_final = round(0.8 * 256) = 205.
+    assert (~mask).sum() == round(float(schedule(t)) / 0.8 * 205)
+    assert not (mask & ~previous).any()
+    previous = mask
