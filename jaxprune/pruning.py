@@ -133,7 +133,7 @@ def check_update_args(who: str, updates, params, like) -> None:
   _check_tree("params", params, like)
 
 
-def _mask_leaves(
+def mask_leaves(
     plan: Sequence[_Leaf | None],
     scores: Sequence[jax.Array],
     sparsity: jax.Array,
@@ -260,7 +260,7 @@ def _pruning_transform(
             scores[i] = masks_lib.l2_normalized(scores[i])
           # Pruned entries score below every other: they stay pruned as the target grows.
           scores[i] = jnp.where(old[i], scores[i], -1.0)
-      fresh = _mask_leaves(plan, scores, schedule(step), final, structure)
+      fresh = mask_leaves(plan, scores, schedule(step), final, structure)
       return jax.tree.structure(state.masks).unflatten(
           [o if f is None else f for o, f in zip(old, fresh, strict=True)])
 

@@ -486,8 +486,7 @@ def quantization(
   def qs_mask(leaf, w, step):
     del step
     scores = [jnp.abs(q(leaf, w))]
-    return pruning._mask_leaves([leaf], scores, jnp.float32(target), target, structure,
-                                False)[0]
+    return pruning.mask_leaves([leaf], scores, jnp.float32(target), target, structure)[0]
 
   def leaf_view(leaf, w, mask, step):
     del step

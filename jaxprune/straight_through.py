@@ -199,7 +199,7 @@ def master_weight_transform(
     if mask_fn is not None:
       return [None if p is None else mask_fn(p, w, step) for p, w in zip(plan, leaves, strict=True)]
     scores = [jnp.abs(w) for w in leaves]
-    return pruning._mask_leaves(plan, scores, jnp.float32(sparsity), sparsity, structure, False)
+    return pruning.mask_leaves(plan, scores, jnp.float32(sparsity), sparsity, structure)
 
   def view_leaves(plan, leaves, step):
     masks = masks_of(plan, leaves, step)

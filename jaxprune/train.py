@@ -66,7 +66,8 @@ from jaxprune import checkpoint as checkpoint_lib
 from jaxprune import data as data_lib
 from jaxprune.models import transformer
 
-METHODS = ("dense", "gmp", "nm_asp", "ste", "sr_ste", "step", "gradient_flow")
+METHODS = ("dense", "gmp", "static_random", "set", "rigl", "nm_asp", "ste", "sr_ste", "step",
+           "gradient_flow")
 # Fields that may change between a run and its resumption: logging and checkpoint cadence
 # (no change to the result), and the mesh (a resume on other hardware; the result then
 # matches to float rounding instead of bit for bit).
@@ -93,7 +94,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Unstructured methods (gmp): final sparsity and the ramp as fractions of training.
   c.sparsity = 0.75
   c.prune = ml_collections.ConfigDict(dict(
-      begin_fraction=0.25, end_fraction=0.75, frequency=10, power=3.0))
+      begin_fraction=0.25, end_fraction=0.75, frequency=10, power=3.0, score="magnitude"))
+  # Unstructured sparse from the start (static_random, set, rigl) at `sparsity`; set and rigl
+  # move connections every `update_every` steps until `end_fraction` of training.
+  c.dst = ml_collections.ConfigDict(dict(drop_fraction=0.3, update_every=50, end_fraction=0.75))
   # N:M methods.
   c.n = 2
   c.m = 4
@@ -132,6 +136,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
                   checkpoint_every=20)
     config.optimizer.warmup_steps = 5
     config.prune.frequency = 2
+    config.dst.update_every = 5
   return config
 
 
@@ -195,7 +200,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
     schedule = jaxprune.polynomial_schedule(
         0.0, config.sparsity, int(p.begin_fraction * steps),
         min(int(p.end_fraction * steps), steps - 1), power=p.power, frequency=p.frequency)
-    tx = jaxprune.magnitude_pruning(adamw, schedule, select=sel)
+    pruners = {"magnitude": jaxprune.magnitude_pruning, "saliency": jaxprune.saliency_pruning,
+               "random": jaxprune.random_pruning}
+    if p.score not in pruners:
+      raise ValueError(f"`config.prune.score` must be one of {tuple(pruners)}, got {p.score!r}.")
+    tx = pruners[p.score](adamw, schedule, select=sel)
+  elif method == "static_random":
+    tx = jaxprune.random_pruning(adamw, config.sparsity, select=sel, seed=config.seed)
+  elif method in ("set", "rigl"):
+    d = config.dst
+    make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
+    tx = make(adamw, config.sparsity, drop_fraction=d.drop_fraction, update_every=d.update_every,
+              end_step=max(int(d.end_fraction * steps), 1), select=sel, seed=config.seed)
   elif method == "nm_asp":
     tx = jaxprune.nm_pruning(adamw, config.n, config.m,
                              prune_step=int(config.one_shot_fraction * steps), select=sel)

@@ -12,7 +12,8 @@ Run: ``python scripts/bench.py`` (add ``--quick`` for a smoke run). Prints
 3. tokens/s of every recipe's train step at its default size (the byte-level
    transformer of ``recipes/``) relative to the dense recipe, in the method's
    sparse phase: GMP inside its ramp (masks every 10 steps), ASP after its
-   one-shot mask, STEP after its switch. Run from the repository root.
+   one-shot mask, STEP after its switch, SET and RigL with connectivity
+   updates every 10 steps (the recipes: every 50). Run from the repository root.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def wrappers(steps: int):
   return {
       "magnitude_pruning (GMP to 80%)": jaxprune.magnitude_pruning(adam, gmp),
       "magnitude_pruning global": jaxprune.magnitude_pruning(adam, gmp, scope="global"),
+      "saliency_pruning (to 80%)": jaxprune.saliency_pruning(adam, gmp),
+      "random_pruning static 80%": jaxprune.random_pruning(adam, 0.8),
+      "set_pruning 80% (every 10)": jaxprune.set_pruning(adam, 0.8, update_every=10,
+                                                         end_step=steps),
+      "rigl 80% (every 10)": jaxprune.rigl(adam, 0.8, update_every=10, end_step=steps),
       "nm_pruning 2:4": jaxprune.nm_pruning(adam, 2, 4),
       "sr_ste 2:4": jaxprune.sr_ste(adam, 2, 4),
       "gradient_flow 1:8 (MDGF)": jaxprune.gradient_flow(adam, 1, 8, total_steps=steps,
@@ -142,6 +148,8 @@ def recipe_steps_per_s(name: str, steps: int) -> float:
   config.prune.begin_fraction = 0.0      # GMP: inside the ramp from the first step.
   config.one_shot_fraction = 0.0         # ASP: masked from the first step.
   config.step_t_max_fraction = 0.0       # STEP: switch forced after step 1.
+  config.dst.update_every = 10           # SET/RigL: 5x the recipes' rate of connectivity updates.
+  config.dst.end_fraction = 1.0
   graphdef, params = nnx.split(train.make_model(config), nnx.Param)
   params = nnx.to_pure_dict(params)
   tx = train.make_optimizer(config)

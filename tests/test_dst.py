@@ -161,13 +161,13 @@ def test_grown_moments_are_reset_and_others_untouched():
     adam, adam_ref = state.inner_state[1][0], reference[1][0]
     for moment, ref in ((adam.mu, adam_ref.mu), (adam.nu, adam_ref.nu)):
       # (The clip's global norm sums in another order under jit than eagerly.)
-      np.testing.assert_allclose(moment["dense"]["bias"], ref["dense"]["bias"], rtol=1e-6)
+      np.testing.assert_allclose(moment["dense"]["bias"], ref["dense"]["bias"], rtol=1e-5)
       for name in ("dense", "out"):
         grown = np.asarray(state.masks[name]["kernel"] & ~before.masks[name]["kernel"])
         m, r = np.asarray(moment[name]["kernel"]), np.asarray(ref[name]["kernel"])
         assert (m[grown] == 0).all()
         stale += int((r[grown] != 0).sum())
-        np.testing.assert_allclose(m[~grown], r[~grown], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(m[~grown], r[~grown], rtol=1e-5, atol=1e-12)
     params = optax.apply_updates(params, updates)
   assert stale > 0
 

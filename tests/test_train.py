@@ -26,7 +26,9 @@ def load_recipe(name, preset="tiny"):
   return train.load_recipe(name, preset, directory=ROOT / "recipes")
 
 
-RECIPES = ("dense", "gmp", "nm_2of4_asp", "sr_ste_2of4", "step_2of4", "gradient_flow_1of8")
+RECIPES = ("dense", "gmp", "static_random", "set", "rigl", "nm_2of4_asp", "sr_ste_2of4",
+           "step_2of4", "gradient_flow_1of8")
+UNSTRUCTURED = ("dense", "gmp", "static_random", "set", "rigl")
 
 
 def _metrics(workdir) -> list[dict]:
@@ -70,9 +72,10 @@ def test_recipe_invariants(tiny_runs, name):
   config = load_recipe(name, "tiny")
   assert report["eval_loss"] < math.log(256)          # Better than uniform bytes.
   assert report["eval_perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
-  expected = {"dense": 0.0, "gmp": 0.75}.get(name, 1 - config.n / config.m)
+  expected = 0.0 if name == "dense" else (
+      config.sparsity if name in UNSTRUCTURED else 1 - config.n / config.m)
   assert report["prunable_sparsity"] == expected      # Exactly: every kernel divides.
-  assert report["nm_valid"] is (None if name in ("dense", "gmp") else True)
+  assert report["nm_valid"] is (None if name in UNSTRUCTURED else True)
   assert report["tokens_seen"] == config.steps * config.batch_size * config.model.context
   assert report["params_total"] == jaxprune.models.param_count(**config.model.to_dict())
   rows = report["sparsity_table"]["rows"]
@@ -192,7 +195,8 @@ def test_resume_refuses_a_different_config(tmp_path):
   assert again["eval_loss"] == first["eval_loss"] and again["tokens_seen"] == 20 * 8 * 32
 
 
-def _bad(tmp_path, **changes):
+def _config(**changes):
+  """The tiny dense recipe with dotted fields changed."""
   config = load_recipe("dense", "tiny")
   for key, value in changes.items():
     target = config
@@ -200,6 +204,11 @@ def _bad(tmp_path, **changes):
     for p in parents:
       target = target[p]
     target[leaf] = value
+  return config
+
+
+def _bad(tmp_path, **changes):
+  config = _config(**changes)
   return lambda: train.train(config, tmp_path / "w")
 
 
@@ -210,6 +219,10 @@ def test_bad_input(tmp_path):
     load_recipe("dense", "huge")
   with pytest.raises(ValueError, match=r"method.*one of"):
     _bad(tmp_path, method="lottery")()
+  with pytest.raises(ValueError, match=r"prune.score.*one of.*'saliency'"):
+    train.make_optimizer(_config(method="gmp", **{"prune.score": "hessian"}))
+  with pytest.raises(ValueError, match=r"`drop_fraction` must be in \[0, 1\]"):
+    train.make_optimizer(_config(method="rigl", **{"dst.drop_fraction": 2.0}))
   with pytest.raises(ValueError, match="does not exist"):
     _bad(tmp_path, **{"data.path": str(tmp_path / "missing")})()
   (tmp_path / "empty.txt").write_text("")
