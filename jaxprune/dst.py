@@ -96,6 +96,12 @@ def connectivity_update(mask: jax.Array, weights: jax.Array, grow_scores: jax.Ar
   return kept | grown
 
 
+def _stream(seed: int, which: int) -> jax.Array:
+  """Independent keys for the initial masks (0) and SET's growth (1); built where used, so
+  that constructing a transform touches no device."""
+  return jax.random.fold_in(jax.random.key(seed), which)
+
+
 def _reset_where(tree, grown, like):
   """Zeroes, at the grown positions, every float subtree of ``tree`` shaped like ``like``.
 
@@ -152,7 +158,6 @@ def _dynamic_sparse(
     selection = dataclasses.replace(selection, distribution=distribution)
   sparsity, drop_fraction = float(sparsity), float(drop_fraction)
   fraction = drop_fraction_schedule(drop_fraction, end_step)
-  init_key, grow_key = jax.random.split(jax.random.key(seed))
 
   def layers_of(params) -> list[_Layer]:
     specs = selection_lib.resolve(selection, params, sparsity)
@@ -166,8 +171,8 @@ def _dynamic_sparse(
     masks = [jnp.ones((), bool)] * len(leaves)
     for layer in layers_of(params):
       size = math.prod(layer.shape)
-      masks[layer.index] = masks_lib.random_mask(
-          jax.random.fold_in(init_key, layer.index), layer.shape, (size - layer.active) / size)
+      key = jax.random.fold_in(_stream(seed, 0), layer.index)
+      masks[layer.index] = masks_lib.random_mask(key, layer.shape, (size - layer.active) / size)
     return pruning_lib.PruningState(
         inner_state=inner.init(params),
         masks=treedef.unflatten(masks),
@@ -177,7 +182,7 @@ def _dynamic_sparse(
   def grow_scores(layer: _Layer, grad, step):
     if grow == "gradient":
       return jnp.abs(grad)
-    key = jax.random.fold_in(jax.random.fold_in(grow_key, step), layer.index)
+    key = jax.random.fold_in(jax.random.fold_in(_stream(seed, 1), step), layer.index)
     return jax.random.uniform(key, layer.shape)
 
   def update_fn(updates, state, params=None):

@@ -222,7 +222,6 @@ def _pruning_transform(
 ) -> optax.GradientTransformation:
   """The shared engine of every pruner here: a score x a structure x a schedule."""
   selection = as_selection(select)
-  key = jax.random.key(seed)
 
   def plan_for(params):
     final = _final_sparsity(schedule)
@@ -253,7 +252,7 @@ def _pruning_transform(
     def recompute():
       old = jax.tree.leaves(state.masks)
       scores = _scores(score, plan, jax.tree.leaves(params), jax.tree.leaves(updates),
-                       jax.random.fold_in(key, step))
+                       jax.random.fold_in(jax.random.key(seed), step))
       for i, leaf in enumerate(plan):
         if leaf is not None:
           if normalize and leaf.in_global:
