@@ -61,8 +61,12 @@ def average_param_count(
 
   with :math:`n_l` the size of prunable layer :math:`l` and :math:`s_{t,l}`
   the target in force at step :math:`t`: the realised per-layer counts, with
-  the same rounding as the masks (``round(s * n)``, half to even, evaluated
-  in float64 on the host), not the continuous :math:`(1 - \\bar s) \\sum_l n_l`.
+  the same rounding as the masks, not the continuous
+  :math:`(1 - \\bar s) \\sum_l n_l`. For a schedule with a final sparsity
+  :math:`s_f` that is :math:`\\mathrm{round}(s_t / s_f \\cdot \\mathrm{round}(s_f n_l))`
+  pruned, as :func:`jaxprune.magnitude_pruning` prunes (float32, half to even),
+  so every layer ends at exactly :math:`\\mathrm{round}(s_f n_l)`; for
+  ``sparsity_per_step``, :math:`\\mathrm{round}(s_{t,l} n_l)` in float64.
   This is the :math:`N` of Jin et al. (2025), "The Journey Matters".
 
   Known answer: a cubic Zhu-Gupta ramp from 0 to :math:`s_f` over the middle
@@ -122,18 +126,44 @@ def average_param_count(
       )
     if not np.all((targets >= 0) & (targets <= 1)):  # also rejects NaN
       raise ValueError("`sparsity_per_step` must be in [0, 1].")
-  if targets.ndim == 1:
-    kept = _kept_over_steps(targets, sizes)
+  if schedule is None:
+    finals = [None] * sizes.size
+  elif isinstance(schedule, Sequence):
+    finals = [_final_sparsity(s) for s in schedule]
   else:
-    kept = sum(_kept_over_steps(targets[:, i], sizes[i : i + 1]) for i in range(sizes.size))
+    finals = [_final_sparsity(schedule)] * sizes.size
+  if targets.ndim == 1 and len(set(finals)) == 1:
+    kept = _kept_over_steps(targets, sizes, finals[0])
+  else:
+    columns = targets if targets.ndim == 2 else np.repeat(targets[:, None], sizes.size, 1)
+    kept = sum(_kept_over_steps(columns[:, i], sizes[i : i + 1], finals[i])
+               for i in range(sizes.size))
   return fixed_params + kept / num_steps
 
 
-def _kept_over_steps(targets: np.ndarray, sizes: np.ndarray) -> int:
-  """``sum_t sum_l (n_l - round(s_t n_l))`` for targets shared by the layers ``sizes``."""
+def _final_sparsity(schedule) -> float | None:
+  final = getattr(schedule, "final_sparsity", None)
+  return None if final is None else float(final)
+
+
+def _kept_over_steps(targets: np.ndarray, sizes: np.ndarray, final: float | None) -> int:
+  """``sum_t sum_l (n_l - k_{t,l})`` for targets shared by the layers ``sizes``.
+
+  ``k = round(s_t n)`` for plain targets. For a schedule with a final sparsity
+  ``s_f`` the pruning transforms prune ``round(s_t / s_f * round(s_f n))``
+  (float32 on the device, exactly reproduced here), so that each layer hits
+  ``round(s_f n)`` at the end.
+  """
   # Schedules hold a few distinct values for many steps: count each once.
   values, counts = np.unique(targets, return_counts=True)
-  pruned = np.rint(values[:, None] * sizes[None, :]).astype(np.int64)
+  if final is None:
+    pruned = np.rint(values[:, None] * sizes[None, :])
+  elif final == 0:
+    pruned = np.zeros((values.size, sizes.size))
+  else:
+    fraction = values.astype(np.float32) / np.float32(final)
+    pruned = np.rint(fraction[:, None] * np.rint(final * sizes).astype(np.float32)[None, :])
+  pruned = np.clip(pruned, 0, sizes[None, :]).astype(np.int64)
   return int(counts @ (sizes[None, :] - pruned).sum(1))
 
 

@@ -62,6 +62,27 @@ def test_average_param_count_per_layer_targets():
   assert scaling.average_param_count(3, [10, 4], schedule=scheds) == 12.0
 
 
+@pytest.mark.parametrize("final", [0.75, 0.9, 0.97])
+def test_average_param_count_is_what_magnitude_pruning_keeps(final):
+  # Sizes where final * n is not an integer: the transform prunes
+  # round(s_t / s_f * round(s_f n)), not round(s_t n), during the ramp.
+  import jax
+  import optax
+
+  import jaxprune
+
+  sizes, steps = [37 * 11, 101 * 3, 64 * 7], 30
+  params = {f"l{i}": jax.random.normal(jax.random.key(i), (n // s, s))
+            for i, (n, s) in enumerate(zip(sizes, (11, 3, 7), strict=True))}
+  sched = schedules.polynomial_schedule(0.0, final, 3, 24, frequency=2)
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), sched, select=".")
+  state, update, kept = tx.init(params), jax.jit(tx.update), 0
+  for _ in range(steps):
+    _, state = update(jax.tree.map(np.zeros_like, params), state, params)
+    kept += sum(int(m.sum()) for m in jax.tree.leaves(state.masks))
+  assert scaling.average_param_count(steps, sizes, schedule=sched) == kept / steps
+
+
 @pytest.mark.parametrize("final", [0.5, 0.8, 0.9])
 def test_cubic_ramp_over_middle_half_has_mean_sparsity_0625_final(final):
   T, size = 1000, 1_000_000
