@@ -59,7 +59,6 @@ class _Layer(NamedTuple):
   """A selected leaf: its index in the flat params and its exact active count."""
 
   index: int
-  path: str
   shape: tuple[int, ...]
   active: int
 
@@ -73,7 +72,7 @@ def drop_fraction_schedule(drop_fraction: float, end_step: int) -> optax.Schedul
 
 
 def connectivity_update(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array,
-                        num_drop, num_active: int) -> jax.Array:
+                        num_drop, num_active) -> jax.Array:
   """Drops the ``num_drop`` active entries of smallest ``|weights|`` and grows as many.
 
   Grown entries are the inactive ones (``~mask``) with the largest
@@ -165,7 +164,7 @@ def _dynamic_sparse(
 
   def layers_of(params) -> list[_Layer]:
     specs = selection_lib.resolve(selection, params, sparsity)
-    return [_Layer(i, spec.path, tuple(jnp.shape(x)),
+    return [_Layer(i, tuple(jnp.shape(x)),
                    math.prod(jnp.shape(x)) - masks_lib.num_pruned(spec.sparsity, jnp.size(x)))
             for i, (spec, x) in enumerate(zip(specs, jax.tree.leaves(params), strict=True))
             if spec is not None]

@@ -48,7 +48,6 @@ from jaxprune import schedules as schedules_lib
 from jaxprune import selection as selection_lib
 
 SCOPES = ("layer", "global")
-SCORES = ("magnitude", "saliency", "random")
 
 
 class PruningState(NamedTuple):
