@@ -18,9 +18,9 @@ import jaxprune
 from jaxprune import qat, quant
 
 try:
-  from .nnx_models import mse_step
+  from .nnx_models import Net, mse_step
 except ImportError:
-  from nnx_models import mse_step
+  from nnx_models import Net, mse_step
 
 MX = tuple(f for f in quant.FORMATS if f.startswith("mx"))
 NEG_ZERO = np.int32(-(2**31))
@@ -344,16 +344,7 @@ def test_composition_with_sr_ste_and_master_params():
 
 
 def test_chain_nnx_optimizer_and_jit():
-  class Net(nnx.Module):
-
-    def __init__(self, rngs):
-      self.a = nnx.Linear(8, 32, rngs=rngs)
-      self.b = nnx.Linear(32, 4, rngs=rngs)
-
-    def __call__(self, x):
-      return self.b(jax.nn.relu(self.a(x)))
-
-  model = Net(nnx.Rngs(0))
+  model = Net(nnx.Rngs(0), hidden=32)
   tx = qat.quantization(optax.adamw(1e-2), "int4", nm=(2, 4), granularity="channel")
   nnx.update(model, tx.view(nnx.state(model, nnx.Param)))
   optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), tx),
