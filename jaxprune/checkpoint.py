@@ -5,12 +5,15 @@ A checkpoint is one Orbax step directory holding two items:
 * ``state``: the arrays (params, the whole optimizer state: masks, master
   weights, STEP's phase, ...), saved with ``StandardSave`` and restored into
   the structure, dtypes and shardings of an abstract target;
-* ``meta``: JSON (the config, the data position, host-side accumulators).
+* ``meta``: JSON (the config, the data position, host-side accumulators) and
+  a checksum of every array of ``state`` (:func:`checksums`).
 
 Orbax writes each step into a temporary directory and renames it when it is
 complete, so a process killed mid-save leaves no step behind that looks
 finished. A step that is listed but cannot be read (files truncated or
-deleted after the fact) is moved aside to ``<workdir>/corrupt_checkpoints/``
+deleted after the fact), whose metadata lacks a required key, or whose arrays
+do not match the checksums saved with them (a flipped byte in a data file
+that the storage layer reads without complaint) is moved aside to ``<workdir>/corrupt_checkpoints/``
 (never deleted), a warning is logged, and the previous step is tried.
 
 With several processes (``jax.distributed``), every process calls these
@@ -30,11 +33,82 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxprune import selection as selection_lib
+
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
+CHECKSUM_KEY = "checksums"
+# Odd multipliers of the two checksum lanes (the 32-bit golden ratio and a Murmur3 constant).
+_LANE_A, _LANE_B = 0x9E3779B1, 0x85EBCA77
+
+
+class IntegrityError(ValueError):
+  """A checkpoint's arrays do not match the checksums saved with them."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of ``x`` as a flat uint32 array (8- and 16-bit values widened, 64-bit split)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = 8 * x.dtype.itemsize
+  if bits == 64:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  unsigned = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+  return unsigned.astype(jnp.uint32).reshape(-1)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """Two 32-bit lanes ``sum_i w_i * a_i`` and ``sum_i rotl(w_i, 13) * b_i`` (mod 2^32).
+
+  ``a_i`` and ``b_i`` are odd, position-dependent multipliers, so any change of
+  a single word changes both lanes (an odd number is invertible mod 2^32), and
+  swapped words change them too. Integer sums wrap exactly whatever the order
+  of the reduction: the same value on every backend, sharding and device count.
+  """
+  w = _words(x)
+  i = jnp.arange(w.size, dtype=jnp.uint32)
+  a = (i * jnp.uint32(_LANE_A)) | jnp.uint32(1)
+  b = ((i ^ (i >> 16)) * jnp.uint32(_LANE_B)) | jnp.uint32(1)
+  rot = (w << 13) | (w >> 19)
+  return jnp.stack([jnp.sum(w * a, dtype=jnp.uint32), jnp.sum(rot * b, dtype=jnp.uint32)])
+
+
+def checksums(state: Any) -> dict[str, str]:
+  """``path -> 'dtype shape hex'`` for every array leaf of ``state``, computed on device.
+
+  Only two 32-bit words per array cross to the host, so this works for
+  arrays sharded over devices and hosts without gathering them.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  named = [(selection_lib.path_str(path), leaf) for path, leaf in flat
+           if isinstance(leaf, jax.Array)]
+  sums = jax.device_get(_all_checksums([leaf for _, leaf in named]))
+  return {name: f"{leaf.dtype} {tuple(leaf.shape)} {int(s[0]):08x}{int(s[1]):08x}"
+          for (name, leaf), s in zip(named, sums, strict=True)}
+
+
+@jax.jit
+def _all_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [_checksum(x) for x in leaves]
+
+
+def verify(state: Any, expected: dict[str, str]) -> None:
+  """Raises :class:`IntegrityError` naming the first array whose checksum differs."""
+  actual = checksums(state)
+  missing = sorted(set(expected) ^ set(actual))
+  if missing:
+    raise IntegrityError(f"the checkpoint's arrays and checksums name different leaves: "
+                         f"{missing[:5]}")
+  for key, want in expected.items():
+    if actual[key] != want:
+      raise IntegrityError(f"array {key!r} does not match its checksum "
+                           f"(saved {want}, read {actual[key]})")
 
 
 def manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
@@ -48,7 +122,8 @@ def manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``."""
+  """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON, plus the state's checksums)."""
+  meta = {**meta, CHECKSUM_KEY: checksums(state)}
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
@@ -67,8 +142,8 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
-                   check_meta: Callable[[dict], None] | None = None
-                   ) -> tuple[int, Any, dict] | None:
+                   check_meta: Callable[[dict], None] | None = None,
+                   required_keys: tuple[str, ...] = ()) -> tuple[int, Any, dict] | None:
   """The newest readable checkpoint as ``(step, state, meta)``, or ``None``.
 
   ``abstract_state`` gives the structure, shapes, dtypes and shardings to
@@ -76,13 +151,18 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
   ``sharding`` set). ``check_meta`` is called on the metadata before any
   array is read; its errors (e.g. a config that does not match) propagate,
   so a valid checkpoint of another run is never mistaken for a damaged one.
-  Unreadable steps are moved aside with a warning.
+  Unreadable steps, steps whose metadata lacks one of ``required_keys`` or the
+  checksums, and steps whose arrays do not match their checksums are moved
+  aside with a warning.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       if not isinstance(meta, dict):
         raise ValueError("checkpoint metadata is not a JSON object")
+      absent = [k for k in required_keys if k not in meta]
+      if absent:
+        raise ValueError(f"checkpoint metadata lacks {absent}")
     except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable.
       _warn_and_move(mngr, step, e)
       continue
@@ -91,6 +171,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
+      if CHECKSUM_KEY in meta:
+        verify(restored["state"], meta[CHECKSUM_KEY])
+      else:
+        logging.warning("checkpoint step %d has no checksums (written by an older jaxprune): "
+                        "its arrays are not verified.", step)
       return step, restored["state"], meta
     except Exception as e:  # noqa: BLE001
       _warn_and_move(mngr, step, e)
