@@ -268,3 +268,15 @@ def test_eval_batches_errors():
       data.eval_batches(tokens, **(dict(batch_size=2, context=8, num_batches=2) | kwargs))
   with pytest.raises(ValueError, match="`tokens` must be 1-D"):
     data.eval_batches(tokens.reshape(5, 10), batch_size=1, context=2, num_batches=1)
+
+
+def test_readme_comparison_names_the_corpus_only_when_it_differs():
+  readme = {"source": "stdlib", "python": data.README_CORPUS["python"],
+            "num_bytes": data.README_CORPUS["num_bytes"], "sha256": data.README_CORPUS["sha256"]}
+  assert data.readme_comparison(readme) is None
+  other = dict(readme, python="3.12.1", num_bytes=11574468, sha256="27ae12a01b61" + "0" * 52)
+  message = data.readme_comparison(other)
+  assert "Python 3.12.1" in message and "11,574,468 bytes" in message
+  assert "not the one README's tables were measured on" in message
+  user = data.readme_comparison({"source": "/data/text", "sha256": "ab" * 32})
+  assert user.startswith("This run's corpus (/data/text, sha256 abababababab")
