@@ -40,6 +40,7 @@ from jaxprune.report import SparsitySummary, nm_valid, sparsity_summary
 from jaxprune.schedules import (
     applied_sparsity,
     constant_schedule,
+    geometric_schedule,
     one_shot_schedule,
     polynomial_schedule,
 )
