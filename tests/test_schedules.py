@@ -104,8 +104,9 @@ def test_geometric_matches_a_port_of_jin_et_al(start, end, frequency, sparsity):
   values = np.asarray(jax.jit(sched)(steps), np.float64)
   updates = np.asarray(jax.jit(sched.is_update_step)(steps))
   reference = [jin_percent_to_keep(int(t), start, end, frequency, sparsity) for t in steps]
-  assert steps[updates].tolist() == [t for t, r in zip(steps, reference) if r is not None]
-  for t, r in zip(steps, reference):
+  pruned_at = [t for t, r in zip(steps, reference, strict=True) if r is not None]
+  assert steps[updates].tolist() == pruned_at
+  for t, r in zip(steps, reference, strict=True):
     if r is not None:
       assert values[t] == pytest.approx(1.0 - r, abs=2e-7), t
   # What the transform applies between updates equals the schedule itself from the start on.
@@ -183,9 +184,9 @@ def jin_prune(kernels, masks, num_to_keep):
   """Port of their ``prune(..., structure='none', scoring_method='magnitude')``: one global
   threshold over ``mask * kernel`` of all prunable kernels, new mask ``|w| >= t`` and old mask.
   They keep ``num_to_keep = int(percent_to_keep * N)``; the count is an argument here."""
-  scores = np.concatenate([(m * k).ravel() for k, m in zip(kernels, masks)])
+  scores = np.concatenate([(m * k).ravel() for k, m in zip(kernels, masks, strict=True)])
   threshold = np.sort(np.abs(scores))[scores.size - num_to_keep]
-  return [(np.abs(k) >= threshold) * m for k, m in zip(kernels, masks)]
+  return [(np.abs(k) >= threshold) * m for k, m in zip(kernels, masks, strict=True)]
 
 
 def test_jin_global_gradual_pruning_matches_a_port():
