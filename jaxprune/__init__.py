@@ -53,7 +53,7 @@ from jaxprune.selection import (
     resolve,
     select,
 )
-from jaxprune.step import StepState, step_adam, step_phase
+from jaxprune.step import StepState, step_adam, step_phase, step_status
 from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,
