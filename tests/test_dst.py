@@ -506,3 +506,37 @@ def test_unknown_dst_convention_lists_the_valid_ones():
   with pytest.raises(ValueError, match=r"`convention` must be one of \('algorithm1', "
                                        r"'reference'\), got 'tf2'"):
     jaxprune.rigl(optax.sgd(0.1), 0.5, end_step=10, convention="tf2")
+
+
+# ----------------------------------------------------------------------------
+# SNIP as its authors ran it: a port of namhoonlee/snip-public (snip/model.py:
+# get_sparse_mask, normalize_dict, create_sparse_mask), one global ranking.
+
+
+def snip_reference_masks(weights, grads, target_sparsity):
+  """Connection sensitivity |dL/dc| = |g * w| at c = 1, normalised over all layers, and the
+  kappa = round(N (1 - s)) largest kept (tf.nn.top_k: the lower index first on ties)."""
+  cs = np.concatenate([np.abs(g * w).ravel() for w, g in zip(weights, grads, strict=True)])
+  cs = cs / cs.sum()
+  kappa = int(round(cs.size * (1.0 - target_sparsity)))
+  keep = np.zeros(cs.size, bool)
+  keep[np.argsort(-cs, kind="stable")[:kappa]] = True
+  return np.split(keep, np.cumsum([w.size for w in weights])[:-1])
+
+
+def test_snip_global_scope_matches_a_port_of_the_reference():
+  rng = np.random.default_rng(1)
+  params = {"a": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+            "b": jnp.asarray(0.2 * rng.standard_normal((8, 4)), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  expected = snip_reference_masks([np.asarray(params[k]) for k in "ab"],
+                                  [np.asarray(grads[k]) for k in "ab"], 0.8)
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global")
+  _, state = tx.update(grads, tx.init(params), params)
+  for k, e in zip("ab", expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(state.masks[k]).ravel(), e)
+  # The default per-layer ranking is a different mask (b's scores are smaller: 5x smaller w).
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8)
+  _, state = tx.update(grads, tx.init(params), params)
+  assert float(np.asarray(state.masks["b"]).mean()) == pytest.approx(0.1875)  # 6 of 32 kept
+  assert expected[1].sum() < 6
