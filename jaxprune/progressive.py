@@ -93,6 +93,14 @@ def default_coef(decay: str, window: int) -> float:
   weights hardly contribute any more when they are cut. ``'step'`` has no
   rate (1.0 is returned and not used).
 
+  A fixed rate gives each run length another ``b`` at the hard mask. The
+  authors' ViT-B config (``vit_base_training.yaml`` in
+  abhibambhaniya/progressive_gradient_flow_nm_sparsity: ``decay_type: EXP``,
+  ``decay_coef: 0.0001``; 350 epochs of about 1,251 steps, ~438k steps) has
+  ``b`` below 0.01 after 46k steps (10.5% of training) and at ``e^{-44}`` by
+  the end; ``c = 8e-4`` in an 800-step run with a 10% fine-tune phase leaves
+  ``b = 0.56`` at step 720, where the hard mask arrives.
+
   Args:
     decay: ``'exp'``, ``'linear'`` or ``'step'``.
     window: ``L >= 1``.
@@ -279,15 +287,9 @@ def gradient_flow(
     decay: ``'exp'``, ``'linear'`` or ``'step'`` (see :func:`mask_decay`);
       ``None``: ``'exp'`` for MDGF, ``'step'`` for SDGF.
     coef: decay rate ``c > 0`` per step. ``None`` (default): scaled to the
-      sparse window ``L = T - d - f`` by :func:`default_coef`: ``ln(100) / L``
-      for ``'exp'`` (``b`` reaches 0.01 where the hard mask arrives),
-      ``1 / L`` for ``'linear'`` (``b`` reaches 0 there). A fixed rate means a
-      different end value for every run length: the authors' ViT-B config
-      (``vit_base_training.yaml``: ``decay_type: EXP``, ``decay_coef:
-      0.0001``, 350 epochs of about 1,251 steps, ~438k steps) has ``b`` below
-      0.01 after 46k steps (10.5% of training) and at ``e^{-44}`` by the end,
-      while ``c = 8e-4`` in an 800-step run leaves ``b = 0.56`` at step 720
-      where a 10% fine-tune phase starts.
+      sparse window ``L = T - d - f`` by :func:`default_coef`, so that ``b``
+      reaches 0.01 (``'exp'``) or 0 (``'linear'``) where the hard mask
+      arrives; a fixed rate gives each run length another end value.
     structure_schedule: ``None`` (MDGF), ``'sparsify'`` or ``'fine'`` (SDGF).
     dense_steps: dense steps ``d >= 0`` at the start.
     finetune_steps: hard-mask steps ``f >= 0`` at the end; ``d + f < T``.
