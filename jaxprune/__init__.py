@@ -40,6 +40,7 @@ from jaxprune.report import SparsitySummary, nm_valid, sparsity_summary
 from jaxprune.schedules import (
     applied_sparsity,
     constant_schedule,
+    geometric_schedule,
     one_shot_schedule,
     polynomial_schedule,
 )
@@ -52,7 +53,7 @@ from jaxprune.selection import (
     resolve,
     select,
 )
-from jaxprune.step import StepState, step_adam, step_phase
+from jaxprune.step import StepState, step_adam, step_phase, step_status
 from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,

@@ -24,11 +24,18 @@ on the current weights ``w_t`` and the growth on this step's gradient
 ``g_t = dL/dw`` at ``w_t`` (the gradient given to ``update``); then the step
 is taken with the new mask: kept weights take the inner optimizer's update,
 dropped ones land on exactly 0, grown ones start from 0 with freshly zeroed
-moments and take their first update. (google-research/rigl's code instead
-takes the step with the old mask and decides on the updated weights; that
-differs by one optimizer step, and would cost here a materialised copy of the
-update on every step.) Everything runs inside ``update`` under ``jit``; the
-loop is the unchanged Optax loop.
+moments and take their first update. Everything runs inside ``update`` under
+``jit``; the loop is the unchanged Optax loop.
+
+The reference implementations order this differently. The original RigL
+(google-research/rigl, ``rigl/sparse_optimizers_base.py``,
+``SparseRigLOptimizerBase.apply_gradients``) takes *no* gradient step on an
+update iteration: it only changes the masks, and TensorFlow's global step is
+not incremented, so the next batch takes the step of the same global step.
+SET there (``SparseSETOptimizerBase``) and ``rigl_tf2`` (``train.py``) take the
+step first and decide on the updated weights (here that would cost a
+materialised copy of the update on every step). :func:`rigl` with
+``convention='reference'`` reproduces the original RigL.
 
 The initial mask is uniformly random with the layer's exact count (Erdos-Renyi
 for SET, uniform or ERK sparsities per layer, :func:`jaxprune.select`). The
@@ -53,6 +60,14 @@ from jaxprune import pruning as pruning_lib
 from jaxprune import selection as selection_lib
 
 DISTRIBUTIONS = selection_lib.DISTRIBUTIONS
+
+#: :func:`rigl`'s conventions. ``'algorithm1'`` (default): the module docstring's rule
+#: (updates at ``0 < t < end_step``, drop and growth disjoint, a step on every call).
+#: ``'reference'``: google-research/rigl's ``SparseRigLOptimizer`` (see :func:`rigl`).
+CONVENTIONS = ("algorithm1", "reference")
+
+#: Standard deviation of the noise the reference adds to the drop scores.
+DROP_NOISE_STD = 1e-5
 
 
 class _Layer(NamedTuple):
@@ -100,9 +115,35 @@ def connectivity_update(mask: jax.Array, weights: jax.Array, grow_scores: jax.Ar
 
 
 def _stream(seed: int, which: int) -> jax.Array:
-  """Independent keys for the initial masks (0) and SET's growth (1); built where used, so
-  that constructing a transform touches no device."""
+  """Independent keys for the initial masks (0), SET's growth (1) and the reference's drop
+  noise (2); built where used, so that constructing a transform touches no device."""
   return jax.random.fold_in(jax.random.key(seed), which)
+
+
+def drop_noise(seed: int, step, index: int, shape) -> jax.Array:
+  """The ``N(0, 1e-5^2)`` noise that ``convention='reference'`` adds to the drop scores of
+  leaf ``index`` (its position in the flat params) at global step ``step``."""
+  key = jax.random.fold_in(jax.random.fold_in(_stream(seed, 2), step), index)
+  return DROP_NOISE_STD * jax.random.normal(key, shape, jnp.float32)
+
+
+def reference_connectivity_update(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array,
+                                  noise: jax.Array, num_drop) -> jax.Array:
+  """google-research/rigl's ``_get_update_op``: the new mask.
+
+  Drop scores are ``|mask * weights| + noise`` over *all* entries; the
+  ``k - num_drop`` largest are kept (``k`` active entries). Growth picks the
+  ``num_drop`` largest ``grow_scores`` among all entries not kept, so a weight
+  just dropped may come back (active before and after: its value and moments
+  are kept). Ties keep the lower flat index (TensorFlow's ``top_k``).
+  """
+  size, num_drop = mask.size, jnp.asarray(num_drop, jnp.int32)
+  num_active = jnp.sum(mask, dtype=jnp.int32)
+  drop_scores = jnp.abs(jnp.where(mask, weights, 0).astype(jnp.float32)) + noise
+  kept = masks_lib.bottom_k_masks([drop_scores], size - num_active + num_drop)[0]
+  grow = jnp.where(kept, -1.0, grow_scores.astype(jnp.float32))
+  grown = masks_lib.bottom_k_masks([grow], size - num_drop)[0]
+  return kept | grown
 
 
 def _reset_where(tree, grown, like):
@@ -143,8 +184,11 @@ def _dynamic_sparse(
     distribution: str | None,
     select,
     seed: int,
+    convention: str = "algorithm1",
 ) -> optax.GradientTransformation:
   """The shared engine of :func:`set_pruning` and :func:`rigl`."""
+  if convention not in CONVENTIONS:
+    raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
   _checks.check_sparsity("sparsity", sparsity)
   if not (_checks.is_concrete(drop_fraction) and 0.0 <= float(drop_fraction) <= 1.0):
     raise ValueError(f"`drop_fraction` must be in [0, 1], got {drop_fraction!r}.")
@@ -188,6 +232,10 @@ def _dynamic_sparse(
     key = jax.random.fold_in(jax.random.fold_in(_stream(seed, 1), step), layer.index)
     return jax.random.uniform(key, layer.shape)
 
+  if convention == "reference":
+    return optax.GradientTransformation(init_fn, _reference_update_fn(
+        inner, layers_of, fraction, update_every, end_step, seed))
+
   def update_fn(updates, state, params=None):
     pruning_lib.check_update_args(f"jaxprune.{_NAMES[grow]}", updates, params, state.masks)
     layers = layers_of(params)
@@ -221,6 +269,57 @@ def _dynamic_sparse(
                                              optax.safe_int32_increment(step))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _reference_schedule(count, update_every: int, end_step: int):
+  """``(is_update, global_step)`` of call ``count`` under the reference's step counting.
+
+  Mask updates happen at global steps ``0, f, 2f, ... <= end_step`` (``f =
+  update_every``), each on a call of its own that does not increment the
+  global step, so the ``k``-th update is call ``k (f + 1)``.
+  """
+  period, num_updates = update_every + 1, end_step // update_every + 1
+  is_update = (count % period == 0) & (count // period < num_updates)
+  done = jnp.minimum((count + period - 1) // period, num_updates)  # update calls before this one
+  return is_update, count - done
+
+
+def _reference_update_fn(inner, layers_of, fraction, update_every, end_step, seed):
+  """``update`` of ``rigl(..., convention='reference')``."""
+
+  def update_fn(updates, state, params=None):
+    pruning_lib.check_update_args("jaxprune.rigl", updates, params, state.masks)
+    layers = layers_of(params)
+    is_update, step = _reference_schedule(state.count, update_every, end_step)
+
+    def reconnect():
+      f = fraction(step)
+      masks = jax.tree.leaves(state.masks)
+      p, g = jax.tree.leaves(params), jax.tree.leaves(updates)
+      for layer in layers:
+        i = layer.index
+        num_drop = (f * layer.active).astype(jnp.int32)  # float32, truncated: the reference's cast
+        masks[i] = reference_connectivity_update(masks[i], p[i], jnp.abs(g[i]),
+                                                 drop_noise(seed, step, i, layer.shape), num_drop)
+      return jax.tree.structure(state.masks).unflatten(masks)
+
+    masks = jax.lax.cond(is_update, reconnect, lambda: state.masks)
+    grown = jax.tree.map(lambda new, was: new & ~was if jnp.ndim(new) else jnp.zeros((), bool),
+                         masks, state.masks)
+    stepped, inner_stepped = inner.update(pruning_lib.mask_gradients(updates, masks),
+                                          state.inner_state, params)
+    # An update call takes no step: the masks change, new connections start at 0 with zeroed
+    # moments, and the inner state does not advance; the other calls are the masked step.
+    inner_state = jax.tree.map(lambda a, b: jnp.where(is_update, a, b),
+                               _reset_where(state.inner_state, grown, params), inner_stepped)
+    stepped = jax.tree.map(lambda u: jnp.where(is_update, jnp.zeros_like(u), u), stepped)
+    updates = pruning_lib.masked_update(stepped, masks, params)
+    updates = jax.tree.map(lambda u, g, p: jnp.where(g, -p, u).astype(u.dtype) if jnp.ndim(g)
+                           else u, updates, grown, params)   # new connections start at 0
+    return updates, pruning_lib.PruningState(inner_state, masks,
+                                             optax.safe_int32_increment(state.count))
+
+  return update_fn
 
 
 _NAMES = {"random": "set_pruning", "gradient": "rigl"}
@@ -272,10 +371,12 @@ def rigl(
     distribution: str | None = None,
     select=None,
     seed: int = 0,
+    convention: str = "algorithm1",
 ) -> optax.GradientTransformation:
   return _dynamic_sparse(inner, sparsity, grow="gradient", drop_fraction=drop_fraction,
                          update_every=update_every, end_step=end_step,
-                         distribution=distribution, select=select, seed=seed)
+                         distribution=distribution, select=select, seed=seed,
+                         convention=convention)
 
 
 set_pruning.__doc__ = """Sparse Evolutionary Training (Mocanu et al. 2018) around any optimizer.
@@ -294,4 +395,32 @@ rigl.__doc__ = """RigL, "Rigging the Lottery" (Evci et al. 2020) around any opti
   at that step (the gradient given to ``update``, before masking); see the
   module docstring for the exact rule. Wrap the optimizer that sees raw
   gradients: ``rigl(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)), ...)``.
-""" + _ARGS_DOC
+
+  ``convention='reference'`` follows google-research/rigl's
+  ``SparseRigLOptimizer`` (``rigl/sparse_optimizers_base.py``) instead:
+
+  * updates at global steps ``0, f, 2f, ... <= end_step`` (one at step 0),
+    each on a call of its own that takes *no* gradient step (the inner
+    optimizer's state does not advance) and does not advance the global step:
+    the ``k``-th update is call ``k (update_every + 1)``, and the drop
+    fraction and the noise use the global step ``k * update_every``;
+  * ``d = int(f(t) k)`` (no cap); the drop scores are ``|w| + N(0, 1e-5^2)``
+    over all entries (:func:`drop_noise`), the ``k - d`` largest are kept;
+  * growth takes the ``d`` largest ``|g|`` among all entries not kept, so a
+    weight dropped in this update may be regrown, keeping its value and its
+    moments; only connections that were inactive start from 0 with zeroed
+    moments (the reference's ``grow_init='zeros'``, ``initial_acc_scale=0``).
+
+  Tested against a port of the reference's update on the same weights,
+  gradients and noise (``tests/test_dst.py``): the same masks, params within
+  2e-7 (float32 rounding) over 18 calls. The noise is drawn with JAX's
+  generator, not TensorFlow's stateless one, and where ``f(t) k`` is an integer
+  the float32 cosine may truncate to one weight fewer or more than TF's.
+  The reference's model is masked from its first forward pass;
+  here the first forward pass sees the params as given (mask them first to
+  match it).
+""" + _ARGS_DOC.replace("""    seed: seeds the initial masks and (SET) the random growth.
+""", """    seed: seeds the initial masks and (SET) the random growth.
+    convention: ``'algorithm1'`` (default) or ``'reference'`` (which also updates
+      at ``end_step`` itself), see above.
+""")

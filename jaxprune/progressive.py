@@ -27,7 +27,7 @@ the value of the mask at pruned positions; the gradient at the view reaches
 The user's loop is unchanged::
 
     tx = gradient_flow(optax.adamw(1e-3), 1, 8, total_steps=100_000,
-                       dense_steps=10_000, finetune_steps=10_000, coef=2e-4)
+                       dense_steps=10_000, finetune_steps=10_000)
     state = tx.init(params)    # master weights: a dense copy of params
     params = tx.view(params)   # the first forward pass sees the view
 """
@@ -52,6 +52,9 @@ STRUCTURE_SCHEDULES = ("sparsify", "fine")
 
 #: The ``fine`` schedule's group sizes are ``m * 2**k`` for these ``k``.
 _FINE_LEVELS = (3, 2, 1, 0)
+
+#: ``b`` where the sparse window ends when ``coef`` is left to its default ('exp').
+B_END = 0.01
 
 
 def _check_decay(decay) -> str:
@@ -78,7 +81,38 @@ def _check_steps(total_steps, dense_steps, finetune_steps) -> tuple[int, int, in
   return total, dense, finetune
 
 
-def mask_decay(t, decay: str = "exp", coef: float = 8e-4) -> jax.Array:
+def default_coef(decay: str, window: int) -> float:
+  """The decay rate that brings ``b`` to its end value where the sparse window ends.
+
+  .. math::  c = \\frac{\\ln(1 / b_{end})}{L} \\ (\\text{'exp'}), \\qquad
+             c = \\frac{1}{L} \\ (\\text{'linear'}),
+
+  with ``L = window`` the steps of the sparse window and ``b_end =``
+  :data:`B_END` = 0.01: the exponential decay reaches 0.01 and the linear one
+  reaches 0 at ``t = L``, the first step of the hard mask, so that the pruned
+  weights hardly contribute any more when they are cut. ``'step'`` has no
+  rate (1.0 is returned and not used).
+
+  A fixed rate gives each run length another ``b`` at the hard mask. The
+  authors' ViT-B config (``vit_base_training.yaml`` in
+  abhibambhaniya/progressive_gradient_flow_nm_sparsity: ``decay_type: EXP``,
+  ``decay_coef: 0.0001``; 350 epochs of about 1,251 steps, ~438k steps) has
+  ``b`` below 0.01 after 46k steps (10.5% of training) and at ``e^{-44}`` by
+  the end; ``c = 8e-4`` in an 800-step run with a 10% fine-tune phase leaves
+  ``b = 0.56`` at step 720, where the hard mask arrives.
+
+  Args:
+    decay: ``'exp'``, ``'linear'`` or ``'step'``.
+    window: ``L >= 1``.
+  """
+  decay = _check_decay(decay)
+  window = _checks.check_int("window", window, minimum=1)
+  if decay == "exp":
+    return math.log(1.0 / B_END) / window
+  return 1.0 / window
+
+
+def mask_decay(t, decay: str = "exp", coef: float | None = None) -> jax.Array:
   """``b_t``, the mask value of pruned weights ``t`` steps into the sparse window.
 
   .. math::
@@ -99,12 +133,18 @@ def mask_decay(t, decay: str = "exp", coef: float = 8e-4) -> jax.Array:
     t: steps since the start of the sparse window, scalar or array; may be
       traced.
     decay: ``'exp'``, ``'linear'`` or ``'step'``.
-    coef: the decay rate ``c > 0`` per step (unused by ``'step'``).
+    coef: the decay rate ``c > 0`` per step; needed by ``'exp'`` and
+      ``'linear'`` (see :func:`default_coef`), unused by ``'step'``.
 
   Returns:
     ``b_t`` as float32, of the shape of ``t``.
   """
   decay = _check_decay(decay)
+  if decay == "step" and coef is None:
+    coef = 1.0
+  elif coef is None:
+    raise ValueError(f"`coef` is needed by decay={decay!r}; see jaxprune.progressive."
+                     "default_coef for the rate that fits a sparse window.")
   coef = _check_coef(coef)
   t = jnp.asarray(t, jnp.float32)
   if decay == "exp":
@@ -194,7 +234,7 @@ def gradient_flow(
     *,
     total_steps: int,
     decay: str | None = None,
-    coef: float = 8e-4,
+    coef: float | None = None,
     structure_schedule: str | None = None,
     dense_steps: int = 0,
     finetune_steps: int = 0,
@@ -246,8 +286,10 @@ def gradient_flow(
     total_steps: training steps ``T >= 1`` (dense + sparse + fine-tune).
     decay: ``'exp'``, ``'linear'`` or ``'step'`` (see :func:`mask_decay`);
       ``None``: ``'exp'`` for MDGF, ``'step'`` for SDGF.
-    coef: decay rate ``c > 0`` per step; the authors' ViT-B config uses 8e-4
-      (``b`` halves every ``ln 2 / c`` ~ 866 steps with ``'exp'``).
+    coef: decay rate ``c > 0`` per step. ``None`` (default): scaled to the
+      sparse window ``L = T - d - f`` by :func:`default_coef`, so that ``b``
+      reaches 0.01 (``'exp'``) or 0 (``'linear'``) where the hard mask
+      arrives; a fixed rate gives each run length another end value.
     structure_schedule: ``None`` (MDGF), ``'sparsify'`` or ``'fine'`` (SDGF).
     dense_steps: dense steps ``d >= 0`` at the start.
     finetune_steps: hard-mask steps ``f >= 0`` at the end; ``d + f < T``.
@@ -268,8 +310,8 @@ def gradient_flow(
   if decay is None:
     decay = "exp" if frames is None else "step"
   decay = _check_decay(decay)
-  coef = _check_coef(coef)
   sparse_end = total - finetune
+  coef = default_coef(decay, sparse_end - dense) if coef is None else _check_coef(coef)
 
   def view_fn(w, mask, step):
     b = jnp.where(step >= sparse_end, 0.0, mask_decay(step - dense, decay, coef))

@@ -333,7 +333,10 @@ def saliency_pruning(
   gradient given to ``update`` at the mask-update step (the first-order
   estimate of the loss change when ``w`` is removed; Molchanov et al. 2017).
   With a float ``sparsity`` the mask is computed once from the first step's
-  gradient: SNIP (Lee et al. 2019), pruning at initialisation. Scores are
+  gradient: SNIP (Lee et al. 2019), pruning at initialisation. SNIP ranks all
+  connections together: ``saliency_pruning(inner, 0.9, scope='global')`` is
+  the paper's method; the default ``scope='layer'`` ranks within each layer
+  (as google-research/rigl's ``SparseSnipOptimizer`` does). Scores are
   single-batch estimates; already-pruned weights stay pruned (their score is
   below every other). Arguments as :func:`magnitude_pruning`.
   """

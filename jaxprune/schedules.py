@@ -11,6 +11,18 @@ A sparsity schedule is a callable ``schedule(step) -> sparsity`` (as an
 Both methods accept scalars or arrays of steps and work under ``jax.jit``.
 A plain callable ``step -> sparsity`` is accepted by the transforms too; it is
 treated as updating masks every step.
+
+**Step convention.** ``step`` is the number of ``update`` calls before this
+one (optax's ``count``): the first batch is step 0, and a mask update at step
+``t`` is decided on the weights that batch ``t`` sees and applied in that same
+step. TF-MOT's ``prune_low_magnitude`` counts differently: its
+``pruning_step`` is incremented before the mask update of every training
+batch, so batch ``i`` evaluates the schedule at ``i + 1`` and step 0 never
+occurs; with ``begin_step = 0`` its first update is at step ``frequency``
+(batch ``frequency - 1``). The same ``PolynomialDecay`` arguments therefore
+prune one batch earlier in TF-MOT than here. ``polynomial_schedule(...,
+convention='tfmot')`` reproduces TF-MOT's steps exactly.
+Jin et al.'s MaxText loop (:func:`geometric_schedule`) counts as we do.
 """
 
 from __future__ import annotations
@@ -24,6 +36,9 @@ import numpy as np
 
 from jaxprune import _checks
 
+#: Step conventions of :func:`polynomial_schedule`: ``'index'``, the batch index
+#: (optax's ``count``, from 0); ``'tfmot'``, TF-MOT's ``pruning_step`` (batch index + 1).
+CONVENTIONS = ("index", "tfmot")
 
 @runtime_checkable
 class SparsitySchedule(Protocol):
@@ -82,7 +97,8 @@ class PolynomialSchedule:
       s_t = s_f + (s_i - s_f) (1 - p)^{k}
 
   Masks are recomputed every ``frequency`` steps in ``[t_0, t_1]`` and at
-  ``t_1``; before ``t_0`` no mask is applied.
+  ``t_1``; before ``t_0`` no mask is applied. With ``convention='tfmot'``,
+  ``t`` is the step plus one (see the module docstring).
   """
 
   init_sparsity: float
@@ -91,12 +107,70 @@ class PolynomialSchedule:
   end_step: int
   power: float = 3.0
   frequency: int = 1
+  convention: str = "index"
+
+  def _t(self, step) -> jax.Array:
+    step = jnp.asarray(step)
+    return step + 1 if self.convention == "tfmot" else step
 
   def __call__(self, step) -> jax.Array:
-    step = jnp.asarray(step, jnp.float32)
+    step = self._t(step).astype(jnp.float32)
     p = jnp.clip((step - self.begin_step) / (self.end_step - self.begin_step), 0.0, 1.0)
     decay = (1.0 - p) ** self.power
     return self.final_sparsity + (self.init_sparsity - self.final_sparsity) * decay
+
+  def is_update_step(self, step) -> jax.Array:
+    step = self._t(step)
+    in_window = (step >= self.begin_step) & (step <= self.end_step)
+    on_grid = (step - self.begin_step) % self.frequency == 0
+    if self.convention == "tfmot":  # TF-MOT prunes on the grid only (and end_step on it).
+      return in_window & on_grid
+    return in_window & (on_grid | (step == self.end_step))
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometricSchedule:
+  """Global gradual pruning of Jin et al. (2025), as their MaxText ``train.py``.
+
+  "The Journey Matters: Average Parameter Count over Pre-training Unifies
+  Sparse and Dense Scaling Laws" (arXiv:2501.12486); reference code:
+  github.com/tjingrant/sparse-llm-code, ``MaxText/train.py``
+  (``calculate_per_step_sparsity`` and the ``global_gradual`` branch of the
+  training loop). Masks are updated at the ``n`` steps
+  ``t_k = t_0 + k f`` (``k = 0 .. n - 1``, the last one at ``t_1``); each
+  update removes the same fraction ``1 - (1 - s_f)^{1/n}`` of the weights
+  still kept, so after update ``k``
+
+  .. math::
+      1 - s(t_k) = (1 - s_f)^{(k + 1) / n}, \\qquad
+      n = \\lceil (t_1 - t_0) / f \\rceil + 1,
+
+  and ``s(t)`` holds the value of the last update ``<= t`` (0 before
+  ``t_0``). The reference asserts ``(t_1 - t_0) % f == 0`` and prunes where
+  ``step % f == 0``; with ``t_0`` on that grid (as in its configs) the update
+  steps and values are the same. When ``f`` does not divide ``t_1 - t_0``,
+  the last update is at ``t_1`` itself, as in :class:`PolynomialSchedule`.
+  Unlike the cubic ramp, the first update already prunes: 3.3% of the weights
+  for ``s_f = 0.75`` and ``n = 41``.
+  """
+
+  final_sparsity: float
+  begin_step: int
+  end_step: int
+  frequency: int = 1
+
+  @property
+  def num_updates(self) -> int:
+    return -(-(self.end_step - self.begin_step) // self.frequency) + 1
+
+  def __call__(self, step) -> jax.Array:
+    step = jnp.asarray(step)
+    k = jnp.where(step >= self.end_step, self.num_updates - 1,
+                  (step - self.begin_step) // self.frequency)
+    keep = jnp.float32(1.0 - self.final_sparsity) ** (
+        (k + 1).astype(jnp.float32) / self.num_updates)
+    sparsity = jnp.where(step >= self.end_step, jnp.float32(self.final_sparsity), 1.0 - keep)
+    return jnp.where(step >= self.begin_step, sparsity, 0.0).astype(jnp.float32)
 
   def is_update_step(self, step) -> jax.Array:
     step = jnp.asarray(step)
@@ -134,6 +208,7 @@ def polynomial_schedule(
     *,
     power: float = 3.0,
     frequency: int = 1,
+    convention: str = "index",
 ) -> PolynomialSchedule:
   """Zhu & Gupta (2017) polynomial sparsity ramp; see :class:`PolynomialSchedule`.
 
@@ -144,23 +219,61 @@ def polynomial_schedule(
     end_step: last step of the ramp, > ``begin_step``.
     power: exponent k > 0 (3 in the paper).
     frequency: masks are recomputed every ``frequency`` (>= 1) steps of the ramp.
+    convention: ``'index'`` (default): ``step`` is the batch index, from 0;
+      ``'tfmot'``: TF-MOT's ``PolynomialDecay`` under ``prune_low_magnitude``,
+      which sees the batch index + 1 and updates only on the ``frequency``
+      grid (one batch earlier than ``'index'``; see the module docstring).
 
   Known answer: ``init_sparsity=0, final_sparsity=0.9`` gives 0.7875 halfway.
   """
   _checks.check_sparsity("init_sparsity", init_sparsity)
   _checks.check_sparsity("final_sparsity", final_sparsity)
+  begin_step, end_step = _check_window(begin_step, end_step)
+  if not power > 0:
+    raise ValueError(f"`power` must be > 0, got {power}.")
+  frequency = _checks.check_int("frequency", frequency, minimum=1)
+  if convention not in CONVENTIONS:
+    raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
+  return PolynomialSchedule(float(init_sparsity), float(final_sparsity), begin_step, end_step,
+                            float(power), frequency, convention)
+
+
+def _check_window(begin_step, end_step) -> tuple[int, int]:
   begin_step = _checks.check_int("begin_step", begin_step, minimum=0)
   end_step = _checks.check_int("end_step", end_step)
   if end_step <= begin_step:
     raise ValueError(
-        f"`end_step` must be > `begin_step` = {begin_step}, got end_step={end_step}."
-    )
-  if not power > 0:
-    raise ValueError(f"`power` must be > 0, got {power}.")
+        f"`end_step` must be > `begin_step` = {begin_step}, got end_step={end_step}.")
+  return begin_step, end_step
+
+
+def geometric_schedule(
+    final_sparsity: float,
+    begin_step: int,
+    end_step: int,
+    *,
+    frequency: int = 1,
+) -> GeometricSchedule:
+  """Jin et al. (2025) geometric sparsity steps; see :class:`GeometricSchedule`.
+
+  Their method prunes with one *global* magnitude threshold:
+  ``jaxprune.magnitude_pruning(inner, geometric_schedule(...), scope='global')``
+  (``recipes/gmp_global_geometric.py``).
+
+  Args:
+    final_sparsity: sparsity reached at ``end_step``, in [0, 1).
+    begin_step: the first update, >= 0.
+    end_step: the last update, > ``begin_step``.
+    frequency: steps between updates, >= 1 (TF-MOT-like: every ``frequency``
+      steps from ``begin_step``, and at ``end_step``).
+
+  Known answer: ``geometric_schedule(0.75, 0, 40, frequency=10)`` (5 updates)
+  gives ``1 - 0.25**0.2 = 0.2421`` at steps 0-9 and 0.75 from step 40.
+  """
+  _checks.check_sparsity("final_sparsity", final_sparsity)
+  begin_step, end_step = _check_window(begin_step, end_step)
   frequency = _checks.check_int("frequency", frequency, minimum=1)
-  return PolynomialSchedule(
-      float(init_sparsity), float(final_sparsity), begin_step, end_step, float(power), frequency
-  )
+  return GeometricSchedule(float(final_sparsity), begin_step, end_step, frequency)
 
 
 def as_schedule(sparsity) -> SparsitySchedule | None:

@@ -93,8 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.distribution = "uniform"
   # Unstructured methods (gmp): final sparsity and the ramp as fractions of training.
   c.sparsity = 0.75
+  # schedule: 'polynomial' (Zhu-Gupta, `power`) or 'geometric' (Jin et al. 2025); scope: 'layer'
+  # or 'global' (one magnitude threshold across the pruned kernels).
   c.prune = ml_collections.ConfigDict(dict(
-      begin_fraction=0.25, end_fraction=0.75, frequency=10, power=3.0, score="magnitude"))
+      begin_fraction=0.25, end_fraction=0.75, frequency=10, power=3.0, score="magnitude",
+      schedule="polynomial", scope="layer"))
   # Unstructured sparse from the start (static_random, set, rigl) at `sparsity`; set and rigl
   # move connections every `update_every` steps until `end_fraction` of training.
   c.dst = ml_collections.ConfigDict(dict(drop_fraction=0.3, update_every=50, end_fraction=0.75))
@@ -105,7 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sr_ste_decay = 2e-4              # sr_ste: lambda_W.
   c.step_t_max_fraction = 0.25       # step: AutoSwitch forced by this fraction of training.
   c.gradient_flow = ml_collections.ConfigDict(dict(
-      decay="exp", coef=8e-4, dense_fraction=0.0, finetune_fraction=0.1))
+      decay="exp", coef=ml_collections.config_dict.placeholder(float),  # None: b_end = 0.01
+      dense_fraction=0.0, finetune_fraction=0.1))
   # Quantization-aware training on top of the method ('' = none).
   c.quant = ml_collections.ConfigDict(dict(format="", order="sq"))
   c.eval_every = 200
@@ -197,14 +201,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
   elif method == "gmp":
     p = config.prune
     # A ramp ending at fraction 1 ends at the last step, T - 1, so that it is reached.
-    schedule = jaxprune.polynomial_schedule(
-        0.0, config.sparsity, int(p.begin_fraction * steps),
-        min(int(p.end_fraction * steps), steps - 1), power=p.power, frequency=p.frequency)
+    begin, end = int(p.begin_fraction * steps), min(int(p.end_fraction * steps), steps - 1)
+    if p.schedule not in ("polynomial", "geometric"):
+      raise ValueError("`config.prune.schedule` must be one of ('polynomial', 'geometric'), "
+                       f"got {p.schedule!r}.")
+    schedule = (jaxprune.polynomial_schedule(0.0, config.sparsity, begin, end, power=p.power,
+                                             frequency=p.frequency)
+                if p.schedule == "polynomial" else
+                jaxprune.geometric_schedule(config.sparsity, begin, end, frequency=p.frequency))
     pruners = {"magnitude": jaxprune.magnitude_pruning, "saliency": jaxprune.saliency_pruning,
                "random": jaxprune.random_pruning}
     if p.score not in pruners:
       raise ValueError(f"`config.prune.score` must be one of {tuple(pruners)}, got {p.score!r}.")
-    tx = pruners[p.score](adamw, schedule, select=sel)
+    if p.score == "random" and p.scope != "layer":
+      raise ValueError("`config.prune.score='random'` prunes per layer; set `prune.scope='layer'`.")
+    tx = pruners[p.score](adamw, schedule, select=sel,
+                          **({} if p.score == "random" else {"scope": p.scope}))
   elif method == "static_random":
     tx = jaxprune.random_pruning(adamw, config.sparsity, select=sel, seed=config.seed)
   elif method in ("set", "rigl"):

@@ -409,3 +409,134 @@ def test_random_pruning_seeds_nm_and_gradual_nesting():
     assert (~mask).sum() == round(float(schedule(t)) / 0.8 * 205)
     assert not (mask & ~previous).any()
     previous = mask
+
+
+# ----------------------------------------------------------------------------
+# convention='reference': google-research/rigl's SparseRigLOptimizer, against a port of its
+# update (rigl/sparse_optimizers_base.py: generic_mask_update, _get_update_op,
+# is_mask_update_iter and apply_gradients' cond) on the same weights, gradients and noise.
+
+
+def reference_mask_update(mask, weights, grads, noise, drop_fraction):
+  """Port of ``SparseRigLOptimizerBase.generic_mask_update`` + ``_get_update_op``.
+
+  Returns the new mask and the new connections (grown where the old mask was 0)."""
+  shape = mask.shape
+  n_ones = int(mask.sum())
+  n_prune = int(np.float32(n_ones) * np.float32(drop_fraction))
+  n_keep = n_ones - n_prune
+  score_drop = (np.abs(mask * weights) + noise).ravel()
+  # tf.math.top_k: descending, the lower index first on ties.
+  mask1 = np.zeros(mask.size, bool)
+  mask1[np.argsort(-score_drop, kind="stable")[:n_keep]] = True
+  score_grow = np.abs(grads).ravel()
+  lifted = np.where(mask1, score_grow.min() - 1, score_grow)
+  mask2 = np.zeros(mask.size, bool)
+  mask2[np.argsort(-lifted, kind="stable")[:n_prune]] = True
+  assert not (mask1 & mask2).any()
+  new_connections = mask2 & ~mask.ravel()  # reinit_when_same=False
+  return (mask1 | mask2).reshape(shape), new_connections.reshape(shape)
+
+
+def test_reference_connectivity_update_may_regrow_a_just_dropped_weight():
+  mask = np.array([[1, 1, 0, 0]], bool)
+  w = np.array([[0.5, -0.1, 0.0, 0.0]], np.float32)
+  g = np.array([[0.0, 3.0, 1.0, 0.5]], np.float32)  # the dropped -0.1 has the largest |g|
+  noise = np.zeros_like(w)
+  new = jaxprune.dst.reference_connectivity_update(jnp.asarray(mask), jnp.asarray(w),
+                                                   jnp.asarray(g), jnp.asarray(noise), 1)
+  np.testing.assert_array_equal(new, [[1, 1, 0, 0]])  # dropped and regrown: unchanged
+  assert (reference_mask_update(mask, w, g, noise, 0.5)[0] == np.asarray(new)).all()
+  # With the noise, an inactive entry can outrank an active weight below 1e-5.
+  w = np.array([[0.5, 1e-7, 0.0, 0.0]], np.float32)
+  noise = np.array([[0.0, -2e-6, 3e-6, 0.0]], np.float32)
+  new = jaxprune.dst.reference_connectivity_update(jnp.asarray(mask), jnp.asarray(w),
+                                                   jnp.asarray(g), jnp.asarray(noise), 0)
+  np.testing.assert_array_equal(new, [[1, 0, 1, 0]])
+  assert (reference_mask_update(mask, w, g, noise, 0.0)[0] == np.asarray(new)).all()
+
+
+def test_rigl_reference_convention_matches_a_port():
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((32, 16)).astype(np.float32)
+  y = rng.standard_normal((32, 8)).astype(np.float32)
+  # alpha = 0.45: f(t) k = 14.4, 10.8, 3.6, 0 at the four updates, away from the integers where
+  # the float32 cosine (ours, and TF's cosine_decay) may land either side.
+  lr, momentum, sparsity, alpha, every, end, seed = 0.05, 0.9, 0.75, 0.45, 3, 9, 4
+
+  def grad(w):
+    return (x.T @ (x @ w - y) / len(x)).astype(np.float32)
+
+  tx = jaxprune.rigl(optax.sgd(lr, momentum=momentum), sparsity, drop_fraction=alpha,
+                     update_every=every, end_step=end, select="k", seed=seed,
+                     convention="reference")
+  w0 = rng.standard_normal((16, 8)).astype(np.float32)
+  state = tx.init({"k": jnp.asarray(w0)})
+  mask = np.asarray(state.masks["k"])
+  params = {"k": jnp.asarray(w0 * mask)}  # the reference's model is masked from the start
+  # The reference's variables: weights (unmasked), momentum, masks; its global step.
+  w_var, accum, global_step, last_update, update_calls = w0.copy(), np.zeros_like(w0), 0, -every, []
+  update = jax.jit(tx.update)
+  for call in range(18):
+    g = grad(mask * w_var)
+    if 0 <= global_step <= end and last_update + every <= global_step:
+      fraction = np.float32(alpha / 2 * (1 + np.cos(np.pi * min(global_step, end) / end)))
+      noise = np.asarray(jaxprune.dst.drop_noise(seed, global_step, 0, w0.shape))
+      mask, new = reference_mask_update(mask, w_var, g, noise, fraction)
+      w_var, accum = np.where(new, 0, w_var), np.where(new, 0, accum)
+      last_update = global_step
+      update_calls.append(call)
+    else:  # apply_gradients: the masked gradient, TF's MomentumOptimizer
+      accum = momentum * accum + mask * g
+      w_var = w_var - np.float32(lr) * accum
+      global_step += 1
+    before = np.asarray(params["k"])
+    updates, state = update({"k": jnp.asarray(grad(before))}, state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(state.masks["k"], mask, err_msg=f"call {call}")
+    np.testing.assert_allclose(params["k"], mask * w_var, rtol=1e-5, atol=1e-6)
+    if call in update_calls:  # no gradient step: kept weights do not move
+      kept = mask & (before != 0)
+      np.testing.assert_array_equal(np.asarray(params["k"])[kept], before[kept])
+  assert update_calls == [0, 4, 8, 12]  # global steps 0, 3, 6, 9: call k (every + 1)
+  assert int(state.masks["k"].sum()) == 32
+
+
+def test_unknown_dst_convention_lists_the_valid_ones():
+  with pytest.raises(ValueError, match=r"`convention` must be one of \('algorithm1', "
+                                       r"'reference'\), got 'tf2'"):
+    jaxprune.rigl(optax.sgd(0.1), 0.5, end_step=10, convention="tf2")
+
+
+# ----------------------------------------------------------------------------
+# SNIP as its authors ran it: a port of namhoonlee/snip-public (snip/model.py:
+# get_sparse_mask, normalize_dict, create_sparse_mask), one global ranking.
+
+
+def snip_reference_masks(weights, grads, target_sparsity):
+  """Connection sensitivity |dL/dc| = |g * w| at c = 1, normalised over all layers, and the
+  kappa = round(N (1 - s)) largest kept (tf.nn.top_k: the lower index first on ties)."""
+  cs = np.concatenate([np.abs(g * w).ravel() for w, g in zip(weights, grads, strict=True)])
+  cs = cs / cs.sum()
+  kappa = int(round(cs.size * (1.0 - target_sparsity)))
+  keep = np.zeros(cs.size, bool)
+  keep[np.argsort(-cs, kind="stable")[:kappa]] = True
+  return np.split(keep, np.cumsum([w.size for w in weights])[:-1])
+
+
+def test_snip_global_scope_matches_a_port_of_the_reference():
+  rng = np.random.default_rng(1)
+  params = {"a": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+            "b": jnp.asarray(0.2 * rng.standard_normal((8, 4)), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  expected = snip_reference_masks([np.asarray(params[k]) for k in "ab"],
+                                  [np.asarray(grads[k]) for k in "ab"], 0.8)
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global")
+  _, state = tx.update(grads, tx.init(params), params)
+  for k, e in zip("ab", expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(state.masks[k]).ravel(), e)
+  # The default per-layer ranking is a different mask (b's scores are smaller: 5x smaller w).
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8)
+  _, state = tx.update(grads, tx.init(params), params)
+  assert float(np.asarray(state.masks["b"]).mean()) == pytest.approx(0.1875)  # 6 of 32 kept
+  assert expected[1].sum() < 6

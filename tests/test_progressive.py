@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
+from jaxprune.progressive import default_coef, gradient_flow, mask_decay, structure_frames
 
 try:
   from .nnx_models import Net
@@ -59,6 +59,43 @@ def test_linear_and_step_decay_formulas():
   # The unit step: dense before the window, binary from its first step.
   np.testing.assert_array_equal(mask_decay(t, "step"), np.where(t < 0, 1.0, 0.0))
   assert jax.jit(lambda s: mask_decay(s, "exp", 0.5))(jnp.int32(-3)) == 1.0
+
+
+@pytest.mark.parametrize("window", [1, 7, 720, 437_850])
+def test_default_coef_reaches_b_end_where_the_window_ends(window):
+  c = default_coef("exp", window)
+  assert c == pytest.approx(math.log(100) / window, rel=1e-15)
+  np.testing.assert_allclose(mask_decay(window, "exp", c), 0.01, rtol=1e-5)
+  assert float(mask_decay(window - 1, "exp", c)) > 0.01
+  c = default_coef("linear", window)
+  assert c == 1 / window
+  assert float(mask_decay(window, "linear", c)) == 0.0
+  assert float(mask_decay(window - 1, "linear", c)) == pytest.approx(1 / window, abs=1e-6)
+
+
+def test_the_issue_numbers_of_a_fixed_rate():
+  # The 800-step recipe's window is 720 steps: 8e-4 left b = 0.56 at the hard mask; the
+  # authors' ViT-B rate, 1e-4 over 350 x 1,251 steps, is below 0.01 by 10.5% of training.
+  assert float(mask_decay(720, "exp", 8e-4)) == pytest.approx(0.562, abs=1e-3)
+  assert math.log(100) / 1e-4 / (350 * 1251) == pytest.approx(0.105, abs=1e-3)
+  assert default_coef("exp", 720) == pytest.approx(6.396e-3, rel=1e-3)
+
+
+def test_gradient_flow_default_coef_is_scaled_to_the_sparse_window():
+  # 1:4 along axis 0 of one column; the window is [2, 7): L = 5, so the forward pass of
+  # step s in it sees b = 0.01 ** ((s - 2) / 5); the fine-tune phase is hard.
+  w = jnp.array([[4.0], [-1.0], [-3.0], [2.0]])
+  e = np.array([[1], [0], [0], [0]], np.float32)
+  tx = gradient_flow(optax.sgd(0.1), 1, 4, total_steps=10, dense_steps=2, finetune_steps=3,
+                     select="w")
+  state, params = tx.init({"w": w}), tx.view({"w": w})
+  update = jax.jit(tx.update)
+  for s in range(10):
+    b = 1.0 if s < 2 else (0.01 ** ((s - 2) / 5) if s < 7 else 0.0)
+    np.testing.assert_allclose(params["w"], np.asarray(w) * (e + b * (1 - e)), rtol=1e-6)
+    updates, state = update({"w": jnp.zeros_like(w)}, state, params)
+    params = optax.apply_updates(params, updates)
+  assert 0.01 ** (4 / 5) > 0.02  # the last soft step is not yet hard
 
 
 # ----------------------------------------------------------------------------
@@ -295,6 +332,8 @@ def make(**kwargs):
     (make(n=9), r"`n` must be in \[1, m\] = \[1, 8\], got n=9"),
     (make(n=0), r"`n` must be >= 1"),
     (lambda: mask_decay(3, "cosine"), r"`decay` must be one of"),
+    (lambda: mask_decay(3, "exp"), r"`coef` is needed by decay='exp'"),
+    (lambda: default_coef("exp", 0), r"`window` must be >= 1, got 0"),
     (lambda: structure_frames(1, 8, "custom", total_steps=10), r"`structure_schedule` must be"),
 ])
 def test_errors(build, match):

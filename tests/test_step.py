@@ -322,6 +322,13 @@ def test_axis_select_and_chain():
     (dict(t_min=1.5), r"`t_min` must be an integer"),
     (dict(n=3, m=2), r"`n` must be in \[1, m\]"),
     (dict(n=0), r"`n` must be >= 1"),
+    (dict(preconditioner="adamw_step"),
+     r"`preconditioner` must be one of \('corrected', 'reference'\), got 'adamw_step'"),
+    (dict(zero_v="floor"), r"`zero_v` must be one of \('adam', 'freeze'\), got 'floor'"),
+    (dict(total_steps=1), r"`total_steps` must be >= 2, got 1"),
+    (dict(total_steps=100, t_max=99),
+     r"`t_max` = 99 forces the switch at step 100, not before the end of `total_steps` = 100: "
+     r"STEP would never learn a mask; use t_max < 99"),
 ])
 def test_construction_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -342,3 +349,272 @@ def test_init_update_and_phase_errors():
   ste_state = jaxprune.sr_ste(optax.sgd(1.0)).init({"w": jnp.ones((8, 4))})
   with pytest.raises(ValueError, match="not STEP's"):
     step_lib.step_phase(ste_state)
+
+
+# ----------------------------------------------------------------------------
+# preconditioner='reference': AdamW_STEP's frozen denominator sqrt(v*) + eps**0.75.
+
+
+def test_reference_preconditioner_closed_form_by_hand():
+  # As above (b1 = 0, constant g for t_s = 2 steps: v* = (1 - b2^2) g^2), but without the bias
+  # correction: the step with gradient 3g is lr * 3g / (sqrt(1 - b2^2) |g| + eps^(3/4)), larger
+  # than the corrected one by 1 / sqrt(1 - b2^2) = 1.155 at b2 = 0.5.
+  w0 = np.array([[1.0, -4.0], [-2.0, 3.0], [3.0, 2.0], [0.5, -1.0]], np.float32)
+  g = np.array([[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.125, 4.0]], np.float32)
+  lr, b2, eps = 0.01, 0.5, 1e-8
+  results = {}
+  for preconditioner in ("corrected", "reference"):
+    tx = step_lib.step_adam(lr, b1=0.0, b2=b2, eps=eps, switch_eps=0.0, t_min=0, t_max=1,
+                            preconditioner=preconditioner)
+    history = constant_run(tx, {"w": w0}, {"w": g}, 2)
+    params, state = history[-1]
+    w2 = np.asarray(jaxprune.master_params(state)["w"])
+    updates, state = jax.jit(tx.update)({"w": 3 * g}, state, params)
+    results[preconditioner] = (w2, np.asarray(jaxprune.master_params(state)["w"]))
+  w2, w3 = results["reference"]
+  denom = np.sqrt(1 - b2**2) * np.abs(g.astype(np.float64)) + eps**0.75
+  np.testing.assert_allclose(w3, w2 - lr * 3 * g / denom, rtol=1e-6)
+  step_ref, step_corr = w2 - w3, np.subtract(*results["corrected"])
+  np.testing.assert_allclose(step_ref / step_corr, 1 / np.sqrt(1 - b2**2), rtol=1e-5)
+
+
+class AdamWStepPort:
+  """A float64 port of the public PyTorch ``AdamW_STEP.step`` (amsgrad=False, option=1).
+
+  Selected parameters (the reference's ``p.mask`` attribute) take part in AutoSwitch and
+  get the frozen ``preconditioned_variance`` after it; the others are plain AdamW. The
+  weight decay is applied first, ``p *= 1 - lr * wd``, then ``p -= lr / bc1 * m / denom``.
+  """
+
+  def __init__(self, shapes, selected, *, betas, eps, weight_decay, clipping):
+    self.b1, self.b2 = betas
+    self.eps, self.wd = eps, weight_decay
+    self.selected = selected
+    self.t_omega = int(1 / (1 - self.b2))
+    self.t_min, self.t_max = clipping
+    self.mask, self.window, self.t = "dense", [], 0
+    self.state = [dict(step=0, m=np.zeros(s), v=np.zeros(s), v_last=np.zeros(s), pv=None)
+                  for s in shapes]
+
+  def step(self, params, grads, lr):
+    change = []
+    self.t += 1
+    out = []
+    for p, g, st, sel in zip(params, grads, self.state, self.selected, strict=True):
+      p = p * (1 - lr * self.wd)
+      if sel and self.mask == "dense":
+        st["v_last"] = st["v"].copy()
+      st["step"] += 1
+      bc1, bc2 = 1 - self.b1 ** st["step"], 1 - self.b2 ** st["step"]
+      st["m"] = self.b1 * st["m"] + (1 - self.b1) * g
+      st["v"] = self.b2 * st["v"] + (1 - self.b2) * g * g
+      if sel and self.mask == "dense":
+        change.append(st["v"] - st["v_last"])
+      if sel and self.mask == "sparse":
+        denom = np.sqrt(st["pv"]) + np.sqrt(self.eps) * np.sqrt(np.sqrt(self.eps))
+      else:
+        denom = np.sqrt(st["v"]) / np.sqrt(bc2) + self.eps
+      out.append(p - lr / bc1 * st["m"] / denom)
+    if self.mask == "dense":
+      self.window.append(np.mean(np.abs(np.concatenate([c.ravel() for c in change]))))
+      self.window = self.window[-self.t_omega:]
+      average_z = np.mean(self.window)
+      if self.t > self.t_max or (average_z < self.eps and self.t > self.t_min):
+        self.mask = "sparse"
+        for st, sel in zip(self.state, self.selected, strict=True):
+          if sel:
+            st["pv"] = st["v"].copy()
+    return out
+
+
+def linear_grads(w, b, x, y):
+  """Gradients of mean((x w + b - y)^2) in float64 (the model sees w: the view if sparse)."""
+  r = 2 * (x @ w + b - y) / y.size
+  return x.T @ r, r.sum(0)
+
+
+@pytest.mark.parametrize("preconditioner", ["reference", "corrected"])
+def test_reference_preconditioner_matches_a_port_of_adamw_step(preconditioner):
+  x, y = np.asarray(normal(0, 32, 8), np.float64), np.asarray(normal(1, 32, 6), np.float64)
+  w0, b0 = np.asarray(normal(2, 8, 6), np.float64) / 3, np.zeros(6)
+  lr = optax.cosine_decay_schedule(0.02, 40)
+  kw = dict(b1=0.9, b2=0.9, eps=1e-8, weight_decay=0.05)
+  tx = step_lib.step_adam(lr, t_min=3, t_max=8, switch_eps=kw["eps"], zero_v="freeze",
+                          preconditioner=preconditioner, **kw)
+  port = AdamWStepPort([w0.shape, b0.shape], [True, False], betas=(kw["b1"], kw["b2"]),
+                       eps=kw["eps"], weight_decay=kw["weight_decay"], clipping=(3, 8))
+  params = {"b": jnp.asarray(b0, jnp.float32), "w": jnp.asarray(w0, jnp.float32)}
+  state, update = tx.init(params), jax.jit(tx.update)
+  w, b = w0, b0
+  for t in range(40):
+    view = nm_view(w) if port.mask == "sparse" else w  # the reference model's forward
+    gw, gb = linear_grads(view, b, x, y)
+    w, b = port.step([w, b], [gw, gb], float(lr(t)))
+    gw, gb = linear_grads(np.asarray(params["w"], np.float64), np.asarray(params["b"]), x, y)
+    updates, state = update({"b": jnp.asarray(gb, jnp.float32), "w": jnp.asarray(gw, jnp.float32)},
+                            state, params)
+    params = optax.apply_updates(params, updates)
+  assert int(step_lib.step_phase(state)[1]) == 9 and port.mask == "sparse"
+  master = np.asarray(jaxprune.master_params(state)["w"], np.float64)
+  if preconditioner == "reference":  # the same trajectory, to float32 rounding
+    np.testing.assert_allclose(master, w, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(params["b"], b, rtol=2e-4, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(params["w"]) != 0, nm_view(w) != 0)
+  else:  # steps smaller by sqrt(1 - 0.9^9) = 0.78 for 31 steps: a visibly different model
+    assert np.max(np.abs(master - w)) > 1e-2
+
+
+# ----------------------------------------------------------------------------
+# Entries whose v is 0 at the switch (dead ReLU units that pruning revives).
+
+
+def dead_unit_problem():
+  """An MLP whose hidden units 0-3 are dead under AdamW and come alive at the switch.
+
+  Inputs 2 and 3 are constant 10s, inputs 0-1 and 4-7 are |N(0, 1)|. Units 0-3 weigh the
+  inputs (2, 2, -1.5, -1.5, ...) per group of 4: the pre-activation 2 (x0 + x1) - 30 + ... < 0
+  kills them (their weights get exactly zero gradient, so v stays exactly 0), while the 2:4
+  mask keeps the two +2 of each group and prunes the -1.5: alive after the switch.
+  """
+  rng = np.random.default_rng(3)
+  x = np.abs(rng.standard_normal((64, 8))).astype(np.float32)
+  x[:, 2:4] = 10.0
+  w1 = (0.3 * rng.standard_normal((8, 16))).astype(np.float32)
+  w1[:, :4] = np.array([2, 2, -1.5, -1.5, 0.1, 0.1, -0.05, -0.05], np.float32)[:, None]
+  params = {"w1": jnp.asarray(w1), "b1": jnp.zeros(16),
+            "w2": jnp.asarray(0.3 * rng.standard_normal((16, 4)), jnp.float32)}
+  y = jnp.asarray(np.tanh(x[:, :4] - x[:, 4:]) / 2)
+
+  def loss(p):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    return jnp.mean((h @ p["w2"] - y) ** 2)
+
+  assert (np.asarray(x @ w1)[:, :4] < 0).all()  # dead at the start
+  return params, loss
+
+
+def train(tx, params, loss, steps):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  losses = []
+  for _ in range(steps):
+    params, state, value = step(params, state)
+    losses.append(float(value))
+  return params, state, losses
+
+
+def test_dead_relu_units_step_trains_wherever_adamw_trains():
+  params, loss = dead_unit_problem()
+  kw = dict(b1=0.9, b2=0.9, eps=1e-8)
+  _, _, adamw = train(optax.adamw(1e-2, **kw), params, loss, 80)
+  assert adamw[-1] < 0.5 * adamw[0]  # AdamW trains (units 0-3 stay dead, v = 0 there)
+
+  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=20, **kw)
+  params_step, state, losses = train(tx, params, loss, 80)
+  nu = state.inner_state.nu
+  assert (np.asarray(nu["w1"])[:, :4] > 0).all()  # revived: their v kept Adam's update
+  adam_v = state.inner_state.adam_v
+  assert np.asarray(adam_v["w1"])[:, :4].all() and np.asarray(adam_v["w2"])[:4].all()
+  # Whole units: a dead unit's column of w1 and row of w2 (the random units die too).
+  dead = np.asarray(adam_v["w1"])[0]
+  assert (np.asarray(adam_v["w1"]) == dead).all() and dead.sum() < 16
+  np.testing.assert_array_equal(np.asarray(adam_v["w2"]), np.repeat(dead[:, None], 4, 1))
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+  master = jaxprune.master_params(state)
+  assert max(float(jnp.max(jnp.abs(master[k]))) for k in ("w1", "w2")) < 5.0
+  fraction = dead.sum() / 16
+  assert f"{fraction:.2%} of the selected entries had v = 0" in step_lib.step_status(state)
+
+  # Frozen like the paper (and AdamW_STEP, at eps**0.75): the revived units' steps are
+  # lr * m / eps, and the weights explode within a few steps of the switch.
+  for preconditioner in PRECONDITIONERS:
+    tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=20, zero_v="freeze",
+                            preconditioner=preconditioner, **kw)
+    _, state, _ = train(tx, params, loss, 25)
+    master = jaxprune.master_params(state)
+    assert float(jnp.max(jnp.abs(master["w2"]))) > 1e3, preconditioner
+
+
+PRECONDITIONERS = step_lib.PRECONDITIONERS
+
+
+# ----------------------------------------------------------------------------
+# t_max and the run length; the status line.
+
+
+def test_total_steps_sets_t_max_and_short_runs_switch():
+  params, grads = {"w": normal(0, 8, 4)}, {"w": normal(1, 8, 4)}
+  assert step_lib.default_t_max(0.999, None) == 9990  # T_w = int(1 / (1 - 0.999)) = 999
+  assert step_lib.default_t_max(0.999, 800) == 200
+  assert step_lib.default_t_max(0.9, 10_000) == 100
+  assert step_lib.default_t_max(0.999, 3) == 1
+  # Defaults, 30 steps: never switches, and the status says so.
+  history = constant_run(step_lib.step_adam(1e-2), params, grads, 30)
+  status = step_lib.step_status(history[-1][1])
+  assert status.startswith("STEP has not switched (t=30, t_max=9990: forced at t=9991; "), status
+  assert status.endswith("the model is still dense.")
+  # total_steps=40: t_max = 10, t_min = min(T_w, t_max) = 10; Z stays above switch_eps=0.
+  tx = step_lib.step_adam(1e-2, total_steps=40, switch_eps=0.0)
+  history = constant_run(tx, params, grads, 30)
+  assert [bool(step_lib.step_phase(s)[0]) for _, s in history].index(True) == 10
+  assert step_lib.step_status(history[-1][1]) == (
+      "STEP switched at t=11 (forced: t > t_max=10); N:M masks learned for 19 steps under "
+      "frozen v.")
+  # AutoSwitch (Z below a large threshold from t_min on).
+  tx = step_lib.step_adam(1e-2, b2=0.9, switch_eps=1.0, t_min=3, t_max=50)
+  history = constant_run(tx, params, grads, 6)
+  assert step_lib.step_status(history[-1][1]).startswith("STEP switched at t=4 (AutoSwitch); ")
+
+
+# ----------------------------------------------------------------------------
+# bfloat16 params: float32 master weights and moments; the invariant in bfloat16.
+
+
+def test_bfloat16_params_keep_float32_master_and_moments():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), dict_params())
+  x, y = data()
+  tx = step_lib.step_adam(1e-2, b2=0.9, switch_eps=0.0, t_min=0, t_max=6)
+  state = tx.init(params)
+  inner = state.inner_state
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((inner.mu, inner.nu)))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.master))
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(dict_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss, updates
+
+  def bf16_ulp(x):
+    return 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), 2.0**-126))) - 7)
+
+  losses = []
+  for t in range(1, 21):
+    old = params
+    params, state, loss, updates = step(params, state)
+    losses.append(float(loss))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves((params, updates)))
+    master = state.master
+    for name in ("dense_0", "dense_1"):
+      p, w = np.asarray(params[name]["kernel"], np.float32), np.asarray(master[name]["kernel"])
+      p_old = np.asarray(old[name]["kernel"], np.float32)
+      assert w.dtype == np.float32
+      # The params are the master (its view) rounded to bf16: exactly where old and new value
+      # are within a factor of 2 (Sterbenz), else up to the rounding of p + (v - p) in bf16.
+      expected = w if t < 7 else nm_view(w)
+      rounded = np.asarray(jnp.asarray(expected).astype(jnp.bfloat16), np.float32)
+      assert (np.abs(p - rounded) <= bf16_ulp(np.maximum(np.abs(p_old), np.abs(rounded)))).all()
+      assert np.mean(p == rounded) > 0.95  # entries that cross or near 0 round twice
+      if t >= 7:  # the invariant, exactly: N:M, and pruned entries +0.0
+        assert is_nm(p) and (p[nm_view(w) == 0] == 0).all()
+        assert not np.signbit(p[nm_view(w) == 0]).any()
+  assert losses[-1] < losses[0]
+  # The master accumulates steps below bfloat16's resolution: it is not the params.
+  w = np.asarray(state.master["dense_0"]["kernel"])
+  assert not np.array_equal(w, np.asarray(jnp.asarray(w).astype(jnp.bfloat16), np.float32))
