@@ -193,63 +193,6 @@ def lbfgs_armijo(value_and_grad, x0, max_evals, ftol, *, memory=10, c1=1e-4, max
   return final.x, final.value, final.num_evals
 
 
-def lbfgs_optax(value_and_grad, x0, max_evals, ftol, *, memory=10, max_linesearch_steps=20):
-  """Minimises with ``optax.lbfgs`` and its zoom line search (strong Wolfe conditions).
-
-  Same contract as :func:`lbfgs_armijo`: stops after ``max_evals`` objective
-  evaluations, when a step decreases f by at most ``ftol * f`` (that step is
-  kept only if it decreased f), or when the line search finds no decrease.
-  """
-  import optax
-
-  @jax.custom_vjp
-  def f(x):
-    return value_and_grad(x)[0]
-
-  def f_fwd(x):
-    return value_and_grad(x)
-
-  def f_bwd(grad, cotangent):
-    return (cotangent * grad,)
-
-  f.defvjp(f_fwd, f_bwd)
-  solver = optax.lbfgs(
-      memory_size=memory,
-      linesearch=optax.scale_by_zoom_linesearch(
-          max_linesearch_steps=max_linesearch_steps, initial_guess_strategy="one"
-      ),
-  )
-  value0, grad0 = value_and_grad(x0)
-
-  def cond(carry):
-    _, _, _, num_evals, done = carry
-    return ~done & (num_evals < max_evals)
-
-  def body(carry):
-    x, value, state, num_evals, _ = carry
-    grad = optax.tree.get(state, "grad")
-    updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=f)
-    new_x = x + updates
-    new_value = optax.tree.get(state, "value")
-    steps = optax.tree.get(state, "num_linesearch_steps")
-    decreased = jnp.isfinite(new_value) & (new_value < value)
-    done = ~decreased | (value - new_value <= ftol * jnp.abs(new_value))
-    return (
-        jnp.where(decreased, new_x, x),
-        jnp.where(decreased, new_value, value),
-        state,
-        num_evals + steps.astype(num_evals.dtype),
-        done,
-    )
-
-  state = solver.init(x0)
-  state = optax.tree.set(state, value=value0, grad=grad0)
-  x, value, _, num_evals, _ = lax.while_loop(
-      cond, body, (x0, value0, state, jnp.ones((), jnp.int32), ~jnp.isfinite(value0))
-  )
-  return x, value, num_evals
-
-
 # -----------------------------------------------------------------------------
 # Models, starts, and the vmapped solve
 # -----------------------------------------------------------------------------
@@ -307,10 +250,12 @@ def _centring(log_terms: Callable, intercepts: tuple[int, ...], features, num_pa
 @functools.partial(jax.jit, static_argnames=("log_terms", "intercepts", "minimize", "batch"))
 def _solve(starts, weights, features, log_loss, delta, max_evals, ftol, *, log_terms,
            intercepts, minimize, batch=None):
-  """``minimize`` from each row of ``starts`` (model parameters theta), vmapped.
+  """``minimize`` from each row of ``starts`` (model parameters theta).
 
   ``weights`` is (num_points,) for all starts or (num_starts, num_points).
-  Returns final thetas, objectives, evaluation counts and log residuals.
+  ``batch`` None vmaps over the starts; an int runs them ``batch`` at a time
+  (``jax.lax.map``). Returns final thetas, objectives, evaluation counts and
+  log residuals.
   """
   eye = jnp.eye(starts.shape[1], dtype=starts.dtype)
   u = _centring(log_terms, intercepts, features, starts.shape[1])
@@ -376,7 +321,9 @@ def fit_log_sum_exp(
      the lowest objective per resample wins.
 
   L-BFGS works in centred coordinates (:func:`_centring`). Warns if the best
-  polished start hit the evaluation cap.
+  polished start hit the evaluation cap. ``minimize`` (a function like
+  :func:`lbfgs_armijo`) and ``batch`` (None: vmap the starts; k: run them k at
+  a time) are for ``scripts/bench_scaling_fit.py``, which compares minimisers.
   """
   starts = grid_starts(model, grid)
   n = log_loss.size

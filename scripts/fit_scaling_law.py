@@ -23,18 +23,13 @@ interval: no law can fit below it. For the window sweep (``in_windows``, equal c
 windows are ranked, and a gap counts only if it exceeds the noise of a difference of two runs.
 
 A fit is degenerate when :func:`jaxprune.scaling.degeneracies` finds a reason (a term or an
-exponent at its bound 0, a 95% interval over ``--interval-factor`` wide or of both signs, a
-non-finite value) or when fitting it raised a warning (overflow, dropped bootstrap fits, the
-evaluation cap). Degenerate fits are shown, marked, and never used for the verdict. Writes to
-``--out``:
-
-* ``scaling_report.md``: the fits, their health, fit quality, the noise floor, the verdict and
-  the windows;
-* ``loss_vs_n_avg.png``: loss against N for each law (points coloured by sparsity, marker by
-  training length; the fitted law as smooth curves);
-* ``predicted_vs_actual.png``: predicted against measured loss, one panel per law.
-
-Rows with a missing or non-finite value are dropped with a warning and listed in the report.
+exponent at its bound 0, a 95% interval more than ``--interval-factor`` wide or of both signs,
+a non-finite value) or fitting it raised a warning (overflow, dropped bootstrap fits, the
+evaluation cap). Degenerate fits are shown, marked, and never used for the verdict. Writes
+``scaling_report.md`` (fits, health, quality, noise floor, verdict, windows),
+``loss_vs_n_avg.png`` (loss against N per law: runs coloured by sparsity, marker by training
+length; the fitted law as smooth curves) and ``predicted_vs_actual.png`` to ``--out``. Rows
+with a missing or non-finite value are dropped with a warning and listed in the report.
 """
 
 from __future__ import annotations
@@ -64,9 +59,6 @@ OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "
              "#F0E442")
 LABELS = {"N_final": "Chinchilla, N = N_final", "N_avg": "Chinchilla, N = N_avg",
           SPARSE: "Frantar et al., (S, N_final)"}
-
-
-# --- Data -------------------------------------------------------------------------------------
 
 
 def read_sweep(path: pathlib.Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -107,9 +99,6 @@ def setting(config: str) -> str:
   return json.dumps(strip(json.loads(config)), sort_keys=True)
 
 
-# --- Fits -------------------------------------------------------------------------------------
-
-
 def caught(fn, *args, **kwargs):
   """``fn(*args, **kwargs)`` and the distinct messages of the warnings it raised."""
   with warnings.catch_warnings(record=True) as seen:
@@ -131,33 +120,27 @@ def fit_one(data, key: str, rows=slice(None), **options):
   return caught(fn, *points(data, key, rows), data["loss"][rows], **options)
 
 
-def num_params(key: str) -> int:
-  return SPARSE_PARAMS if key == SPARSE else NUM_PARAMS
-
-
-def leave_one_size_out(data, n_column: str) -> dict[float, np.ndarray | str]:
+def leave_one_size_out(data, n_column: str, seen: list | None = None):
   """Per model size (``N_dense``): log residuals of a fit without that size, or why none.
 
-  ``n_column`` is one of :data:`FITS` (the Chinchilla law) or :data:`SPARSE`.
+  ``n_column`` is one of :data:`FITS` (the Chinchilla law) or :data:`SPARSE`; the warnings
+  of the refits are appended to ``seen`` when given.
   """
-  return leave_one_size_out_with_warnings(data, n_column)[0]
-
-
-def leave_one_size_out_with_warnings(data, key: str):
-  """:func:`leave_one_size_out`, and the warnings its fits raised."""
-  sizes, out, seen = np.unique(data["N_dense"]), {}, []
+  sizes, out = np.unique(data["N_dense"]), {}
+  params = SPARSE_PARAMS if n_column == SPARSE else NUM_PARAMS
   for size in sizes:
     held = data["N_dense"] == size
     kept = int(np.sum(~held))
     if len(sizes) < 2:
       out[size] = "n/a: a single model size"
-    elif kept <= num_params(key):
-      out[size] = f"under-determined: {kept} runs left for {num_params(key)} parameters"
+    elif kept <= params:
+      out[size] = f"under-determined: {kept} runs left for {params} parameters"
     else:
-      f, w = fit_one(data, key, ~held)
-      seen += w
-      out[size] = np.log(f.predict(*points(data, key, held))) - np.log(data["loss"][held])
-  return out, list(dict.fromkeys(seen))
+      f, w = fit_one(data, n_column, ~held)
+      if seen is not None:
+        seen += [x for x in w if x not in seen]
+      out[size] = np.log(f.predict(*points(data, n_column, held))) - np.log(data["loss"][held])
+  return out
 
 
 def pooled(loso) -> np.ndarray:
@@ -165,14 +148,10 @@ def pooled(loso) -> np.ndarray:
   return np.concatenate([r for r in loso.values() if not isinstance(r, str)] or [np.zeros(0)])
 
 
-def health(data, fits, fit_warnings) -> dict[str, list[str]]:
+def health(data, fits, fit_warnings, factor=scaling.INTERVAL_FACTOR) -> dict[str, list[str]]:
   """Per fit, the reasons it is degenerate (empty: a result): its own and its warnings."""
-  return {k: scaling.degeneracies(f, *points(data, k)) + [f"warning: {w}" for w in
-                                                          fit_warnings.get(k, [])]
-          for k, f in fits.items()}
-
-
-# --- Statistics -------------------------------------------------------------------------------
+  return {k: scaling.degeneracies(f, *points(data, k), interval_factor=factor) +
+          [f"warning: {w}" for w in fit_warnings.get(k, [])] for k, f in fits.items()}
 
 
 def rmse(r) -> float:
@@ -228,9 +207,6 @@ def noise_floor(data) -> NoiseFloor | None:
   dof = runs - groups
   lo, hi = (math.sqrt(ss / stats.chi2.ppf(q, dof)) for q in (0.975, 0.025))
   return NoiseFloor(math.sqrt(ss / dof), lo, hi, groups, runs, dof)
-
-
-# --- Report -----------------------------------------------------------------------------------
 
 
 def fmt(x: float) -> str:
@@ -334,15 +310,18 @@ def window_sections(data, fits, noise: NoiseFloor | None = None) -> tuple[list[s
   return lines, best
 
 
-def _health_lines(status, fit_warnings, loso_warnings) -> list[str]:
+def _health_lines(status, fit_warnings, loso_warnings, bootstrap: bool = True,
+                  factor: float = scaling.INTERVAL_FACTOR) -> list[str]:
   lines = ["## Fit health", "",
            f"A fit is degenerate when a term or an exponent sits at its bound 0, a 95% interval "
-           f"holds both signs or spans more than {scaling.INTERVAL_FACTOR:g}x, a value is not "
+           f"holds both signs or spans more than {factor:g}x, a value is not "
            "finite, or fitting raised a warning (`jaxprune.scaling.degeneracies`). Degenerate "
-           "fits are shown but are not results.", ""]
+           "fits are shown but are not results." + ("" if bootstrap else " Without bootstrap "
+           "(`--bootstrap 0`) the interval rule cannot run: a fit marked ok may still be "
+           "degenerate."), ""]
   for k, reasons in status.items():
-    lines.append(f"- {LABELS[k]}: " + ("ok." if not reasons else
-                                       "**degenerate**: " + "; ".join(reasons) + "."))
+    lines.append(f"- {LABELS[k]}: " + ("ok." if not reasons else "**degenerate**: " +
+                                       "; ".join(r.rstrip(".") for r in reasons) + "."))
   seen = sorted({w for ws in [*fit_warnings.values(), *loso_warnings.values()] for w in ws})
   lines += ["", "Warnings while fitting: " + (
       "none." if not seen else f"{len(seen)} distinct: " + "; ".join(seen) +
@@ -399,7 +378,7 @@ def _quality_lines(data, fits, loso, noise) -> list[str]:
 
 
 def markdown(path, data, dropped, fits, loso, window_lines, *, status, fit_warnings,
-             loso_warnings, noise) -> str:
+             loso_warnings, noise, factor=scaling.INTERVAL_FACTOR) -> str:
   sizes, lengths = np.unique(data["N_dense"]), np.unique(data["D"])
   lines = [
       "# Sparse scaling laws: N_final vs N_avg, and the sparse law", "",
@@ -419,7 +398,9 @@ def markdown(path, data, dropped, fits, loso, window_lines, *, status, fit_warni
       "training steps; Jin et al. 2025);",
       "- Frantar et al. (2023), L(S, N, D) = (a (1 - S)^b + c) / N^d + e / D^f + g, with S the "
       "final sparsity and N = N_final.", "",
-      *_health_lines(status, fit_warnings, loso_warnings), "", "## Coefficients", "",
+      *_health_lines(status, fit_warnings, loso_warnings, fits["N_avg"].intervals is not None,
+                     factor),
+      "", "## Coefficients", "",
       ("95% percentile-bootstrap intervals over resampled runs in brackets." if
        fits["N_avg"].intervals else "No bootstrap (`--bootstrap 0`)."), "",
       "| N | E | A | B | alpha | beta | status |", "|---|---|---|---|---|---|---|",
@@ -443,7 +424,8 @@ def markdown(path, data, dropped, fits, loso, window_lines, *, status, fit_warni
   return "\n".join(lines)
 
 
-# --- Plots ------------------------------------------------------------------------------------
+def _tokens(d: float) -> str:
+  return f"{d / 1e9:.3g}B" if d >= 1e9 else f"{d / 1e6:.3g}M" if d >= 1e6 else f"{d / 1e3:.3g}k"
 
 
 def _styles(data):
@@ -493,19 +475,20 @@ def _log_ticks(ax) -> None:
   ax.grid(True, which="major", color="0.9", lw=0.8)
 
 
-def _legend(fig, data, styles, curves: str) -> None:
+def _legend(fig, data, styles, title: str, lines: bool = True) -> None:
   from matplotlib.lines import Line2D
 
   sparsities, lengths, colour, marker, line = styles
   handles = [Line2D([], [], color=colour[s], marker="o", ls="", label=f"sparsity {s:g}")
              for s in sparsities]
-  handles += [Line2D([], [], color="0.35", marker=marker[d], ls=line[d], label=f"D = {d:.3g}")
-              for d in lengths]
+  handles += [Line2D([], [], color="0.35", marker=marker[d], ls=line[d] if lines else "",
+                      label=f"D = {_tokens(d)} tokens") for d in lengths]
   if np.any(data["in_grid"] != 1):
     handles.append(Line2D([], [], color="0.35", marker="o", mfc="none", ls="",
                           label="window runs"))
-  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=10,
-             frameon=False, title=curves, title_fontsize=10)
+  ncol = min(len(handles), 3 * len(fig.axes))  # One row when it fits the figure's width.
+  fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=10,
+             frameon=False, title=title, title_fontsize=10)
 
 
 def plot(out: pathlib.Path, data, fits, status=None) -> None:
@@ -525,7 +508,7 @@ def plot(out: pathlib.Path, data, fits, status=None) -> None:
       ax.set_title(_title(k, status))
     axes[0, 0].set_ylabel("validation loss (nats/byte)")
     _legend(fig, data, styles, "points: runs; curves: the fitted law at each D")
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out / LOSS_PLOT, dpi=110)
     plt.close(fig)
 
@@ -538,19 +521,19 @@ def plot(out: pathlib.Path, data, fits, status=None) -> None:
       for s in sparsities:
         for d in lengths:
           sel = (data["sparsity"] == s) & (data["D"] == d)
-          ax.scatter(data["loss"][sel], predicted[sel], color=colour[s], marker=marker[d], s=26)
+          full = sel & (data["in_grid"] == 1)
+          ax.scatter(data["loss"][full], predicted[full], color=colour[s], marker=marker[d], s=26)
+          ax.scatter(data["loss"][sel & ~full], predicted[sel & ~full], facecolors="none",
+                     edgecolors=colour[s], marker=marker[d], s=26)
       ax.plot([lo, hi], [lo, hi], color="0.5", ls=":", lw=1)
       ax.set(xlabel="measured loss", title=_title(k, status) +
              f"\nRMSE log L {fits[k].rmse_log:.3g}")
       ax.grid(True, color="0.9", lw=0.8)
     axes[0, 0].set_ylabel("predicted loss")
-    _legend(fig, data, styles, "dotted: predicted = measured")
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    _legend(fig, data, styles, "dotted line: predicted = measured", lines=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out / PRED_PLOT, dpi=110)
     plt.close(fig)
-
-
-# --- Main -------------------------------------------------------------------------------------
 
 
 def fit_everything(data, bootstrap: int, seed: int):
@@ -559,7 +542,8 @@ def fit_everything(data, bootstrap: int, seed: int):
   fits, fit_warnings, loso, loso_warnings = {}, {}, {}, {}
   for k in keys:
     fits[k], fit_warnings[k] = fit_one(data, k, bootstrap=bootstrap, seed=seed)
-    loso[k], loso_warnings[k] = leave_one_size_out_with_warnings(data, k)
+    loso_warnings[k] = []
+    loso[k] = leave_one_size_out(data, k, loso_warnings[k])
   return fits, fit_warnings, loso, loso_warnings
 
 
@@ -571,11 +555,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="Directory for the report and plots (default: the CSV's).")
   parser.add_argument("--bootstrap", type=int, default=200, help="Bootstrap resamples (0: none).")
   parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
+  parser.add_argument("--interval-factor", type=float, default=scaling.INTERVAL_FACTOR,
+                      help="A fit whose 95%% interval has hi / lo above this is degenerate.")
   args = parser.parse_args(argv)
   out = args.out or args.csv.parent
   try:
     if args.bootstrap < 0:
       raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}.")
+    if not args.interval_factor > 1:  # Also rejects NaN.
+      raise ValueError(f"--interval-factor must be > 1, got {args.interval_factor}.")
     data, dropped = read_sweep(args.csv)
     n = data["loss"].size
     if n <= NUM_PARAMS:
@@ -585,13 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     noise = noise_floor(data)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  status = health(data, fits, fit_warnings)
+  status = health(data, fits, fit_warnings, args.interval_factor)
   window_lines, best = window_sections(data, fits, noise)
   out.mkdir(parents=True, exist_ok=True)
   plot(out, data, fits, status)
   (out / REPORT).write_text(markdown(args.csv, data, dropped, fits, loso, window_lines,
                                      status=status, fit_warnings=fit_warnings,
-                                     loso_warnings=loso_warnings, noise=noise))
+                                     loso_warnings=loso_warnings, noise=noise,
+                                     factor=args.interval_factor))
   for k, reasons in status.items():
     if reasons:
       print(f"{LABELS[k]}: degenerate, not a result: {'; '.join(reasons)}")
