@@ -69,37 +69,30 @@ def average_param_count(
   so every layer ends at exactly :math:`\\mathrm{round}(s_f n_l)`; for
   ``sparsity_per_step``, :math:`\\mathrm{round}(s_{t,l} n_l)` in float64.
 
-  What is counted, exactly:
-
-  * **which parameters**: ``fixed_params`` (counted at every step) plus the
-    unpruned entries of the ``prunable_sizes`` layers. The caller decides:
-    ``scripts/sweep.py`` (through :mod:`jaxprune.train`) passes every
-    parameter of the model, so its ``N_avg`` includes the embeddings, the
-    output head, norms and biases; ``fixed_params=0`` counts the prunable
-    kernels only;
-  * **per step**: one count per optimizer step :math:`t = 0, \\dots, T - 1`,
-    the count in the parameters that step :math:`t` produces (its mask
-    included), averaged with equal weights. That is an average over tokens
-    when every step sees the same number of tokens, as in
-    :func:`jaxprune.train.train`; with a varying batch size, weight the steps.
+  What is counted: ``fixed_params`` (at every step) plus the unpruned entries
+  of the ``prunable_sizes`` layers, one count per optimizer step
+  :math:`t = 0, \\dots, T - 1` (the parameters step :math:`t` produces, its mask
+  included), averaged with equal weights: an average over tokens when every
+  step sees as many tokens, as in :func:`jaxprune.train.train`. The caller
+  picks the parameters: ``scripts/sweep.py`` passes them all (its ``N_avg``
+  includes embeddings, the output head, norms, biases); ``fixed_params=0``
+  counts the prunable kernels only.
 
   Jin et al. (2025), "The Journey Matters", define
-  :math:`N_{avg} = \\frac{1}{D} \\int_0^D N(d)\\, \\mathrm{d}d` over training
-  tokens, the same average for a constant batch. Their code
-  (tjingrant/sparse-llm-code, ``MaxText/train.py`` and ``max_utils.py``) logs
-  at each step, after the update, the sum of the masks of every
-  ``DenseGeneral`` kernel (``pruning/nonzero_prunable``: attention and MLP
-  projections and the output head ``logits_dense``; the token embedding is
-  no kernel and never pruned) and, separately, the total parameter count;
-  the average itself is taken outside that code, and their paper describes
-  models by their "prunable parameters in the linear layers". Two
-  differences from this repository's sweep follow: its ``N_avg`` adds the
-  unpruned parameters (embeddings, norms; ``fixed_params``), and its default
-  selection (:func:`jaxprune.select`) leaves the output head dense where
-  theirs prunes it. Their pruning also keeps ``int(keep * n)`` weights under
-  one global threshold over all kernels (floor, pooled), not a per-layer
-  round half to even: pass the pooled size as one layer to count it that way
-  (at most one parameter per layer and step apart).
+  :math:`N_{avg} = \\frac{1}{D} \\int_0^D N(d)\\, \\mathrm{d}d` over tokens, the
+  same average for a constant batch. Their code (tjingrant/sparse-llm-code,
+  ``MaxText/train.py``, ``max_utils.py``) logs after each step the mask sum
+  of every ``DenseGeneral`` kernel (``pruning/nonzero_prunable``: attention,
+  MLP and the output head ``logits_dense``; the token embedding is never
+  pruned) and, apart, the total parameter count; the average is taken outside
+  that code, and the paper describes models by their "prunable parameters in
+  the linear layers". So this repository's sweep differs twice: its
+  ``N_avg`` adds the unpruned parameters (embeddings, norms), and its default
+  selection (:func:`jaxprune.select`) keeps the output head dense. Their
+  pruning keeps ``int(keep * n)`` weights under one global threshold (floor,
+  pooled over kernels), not a per-layer round half to even: pass the pooled
+  size as one layer to count it so (at most one parameter per layer and step
+  apart).
 
   Known answer: a cubic Zhu-Gupta ramp from 0 to :math:`s_f` over the middle
   half of training (``polynomial_schedule(0, s_f, T // 4, 3 * T // 4)``) has
@@ -356,7 +349,8 @@ def fit(
   alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in
   {0, 5, ..., 25} (4500 starts), vmapped and jitted, keeping the lowest final
   objective. L-BFGS (memory 10, Armijo backtracking, one objective evaluation
-  per loop step so that it vmaps; see :func:`_lbfgs`) runs in two passes:
+  per loop step so that it vmaps; see :func:`jaxprune.huber_fit.lbfgs_armijo`) runs in two
+  passes:
 
   1. every start in float32, until a step gains less than 1e-5 of the
      objective, 30 trial steps in a row fail, or ``max_iter`` evaluations;

@@ -134,13 +134,13 @@ def test_solver_gradient_matches_autodiff():
   weights = rng.integers(0, 3, N.size).astype(float)
 
   def naive(theta):
-    log_pred = jax.nn.logsumexp(scaling._chinchilla_terms(theta, features), axis=0)
+    log_pred = jax.nn.logsumexp(scaling.CHINCHILLA.log_terms(theta, features), axis=0)
     r = log_pred - log_loss
     return jnp.sum(weights * jnp.where(jnp.abs(r) <= 1e-3, r**2 / 2, 1e-3 * (jnp.abs(r) - 5e-4)))
 
   @jax.jit
   def handwritten(theta):
-    terms = lambda t: scaling._chinchilla_terms(t, features)  # noqa: E731
+    terms = lambda t: scaling.CHINCHILLA.log_terms(t, features)  # noqa: E731
     return huber_fit.value_and_grad(terms, theta, log_loss, weights, 1e-3)
 
   with jax.enable_x64(True):
