@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import scaling, schedules
+from jaxprune import huber_fit, scaling, schedules
 
 TRUE = dict(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)  # Besiroglu et al. (2024)
 SPARSE_TRUE = dict(a=300.0, b=1.0, c=182.0, d=0.348, e=2085.0, f=0.366, g=1.82)
@@ -134,14 +134,14 @@ def test_solver_gradient_matches_autodiff():
   weights = rng.integers(0, 3, N.size).astype(float)
 
   def naive(theta):
-    log_pred = jax.nn.logsumexp(scaling._chinchilla_terms(theta, features), axis=0)
+    log_pred = jax.nn.logsumexp(scaling.CHINCHILLA.log_terms(theta, features), axis=0)
     r = log_pred - log_loss
     return jnp.sum(weights * jnp.where(jnp.abs(r) <= 1e-3, r**2 / 2, 1e-3 * (jnp.abs(r) - 5e-4)))
 
   @jax.jit
   def handwritten(theta):
-    terms = lambda t: scaling._chinchilla_terms(t, features)  # noqa: E731
-    return scaling._value_and_grad(terms, theta, log_loss, weights, 1e-3)
+    terms = lambda t: scaling.CHINCHILLA.log_terms(t, features)  # noqa: E731
+    return huber_fit.value_and_grad(terms, theta, log_loss, weights, 1e-3)
 
   with jax.enable_x64(True):
     # Far from the fit (all points on the linear Huber branch) and near it (about half quadratic).
@@ -306,3 +306,58 @@ def test_fit_sparse_form_bad_input():
     scaling.fit_sparse_form(np.where(np.arange(10) == 0, 1.0, S), N, D, loss)
   with pytest.raises(ValueError, match="same length"):
     scaling.fit_sparse_form(S[:9], N, D, loss)
+
+
+# --- degenerate fits ------------------------------------------------------------
+
+
+def _chinchilla_fit(intervals=None, **params):
+  return scaling.ScalingFit(**{**TRUE, **params}, intervals=intervals, residuals=np.zeros(1),
+                            rmse_log=0.0, objective=0.0)
+
+
+def test_degeneracies_by_hand():
+  N, D, _ = chinchilla_data(0.0)
+  assert scaling.degeneracies(_chinchilla_fit(), N, D) == []
+  # E = 2e-14 is at its bound 0 (the loss is > 1.8 everywhere); a negative exponent is past it.
+  assert scaling.degeneracies(_chinchilla_fit(E=2e-14), N, D) == [
+      "term E at its bound 0 (at most 2e-14, under 0.001 of the loss)"]
+  assert scaling.degeneracies(_chinchilla_fit(B=1e-3, beta=-0.1), N, D) == [
+      "exponent beta = -0.1 at or below its bound 0"]
+  # A term is judged over the fitted points: at D = 1e8 B / D^beta is 2.46e-3, above 1e-3 of
+  # the smallest loss (2.17), but it is at most 2.085 / (2.15e10)^0.366 = 3.44e-4 for D > 1e10.
+  tiny_b = TRUE["B"] * 1e-3
+  assert scaling.degeneracies(_chinchilla_fit(B=tiny_b), N, D) == []
+  assert scaling.degeneracies(_chinchilla_fit(B=tiny_b), N[D > 1e10], D[D > 1e10]) == [
+      "term B / D^beta at its bound 0 (at most 0.000344, under 0.001 of the loss)"]
+  # Intervals: 100x is the limit; both signs and non-finite bounds never pass.
+  intervals = {"E": (1.7, 1.9), "A": (10.0, 1000.0), "B": (10.0, 1001.0),
+               "alpha": (-0.1, 0.5), "beta": (0.3, np.inf)}
+  assert scaling.degeneracies(_chinchilla_fit(intervals), N, D) == [
+      "B interval [10, 1e+03] spans 100.1x (> 100x)",
+      "alpha interval [-0.1, 0.5] holds both signs",
+      "beta interval [0.3, inf] is not finite"]
+  assert scaling.degeneracies(_chinchilla_fit(intervals), N, D, interval_factor=1e3) == [
+      "alpha interval [-0.1, 0.5] holds both signs", "beta interval [0.3, inf] is not finite"]
+  with np.errstate(over="ignore"):
+    assert scaling.degeneracies(_chinchilla_fit(A=np.inf), N, D) == ["non-finite A (overflow)"]
+    assert scaling.degeneracies(_chinchilla_fit(A=1e300, alpha=-2.0), N, D)[0] == (
+        "non-finite predicted loss at some points (overflow)")
+
+
+def test_degeneracies_sparse_form():
+  S, N, D, _ = sparse_data(0.0)
+  fit = scaling.SparseScalingFit(**{**SPARSE_TRUE, "c": 1e-12, "d": 0.0}, intervals=None,
+                                 residuals=np.zeros(1), rmse_log=0.0, objective=0.0)
+  reasons = scaling.degeneracies(fit, S, N, D)
+  assert reasons[0].startswith("term c / N^d at its bound 0") and len(reasons) == 2
+  assert reasons[1] == "exponent d = 0 at or below its bound 0"
+
+
+def test_degenerate_fit_of_a_law_without_irreducible_loss():
+  # Data with E = 0: the fit drives log E towards minus infinity, and is flagged.
+  N, D, _ = chinchilla_data(0.0)
+  loss = TRUE["A"] / N ** TRUE["alpha"] + TRUE["B"] / D ** TRUE["beta"]
+  fit = scaling.fit(N, D, loss)
+  assert fit.E < 1e-4 and fit.rmse_log < 1e-6  # E -> 0: 1e-6 on jax 0.12, 6e-15 on 0.10
+  assert scaling.degeneracies(fit, N, D)[0].startswith("term E at its bound 0")
