@@ -92,13 +92,15 @@ def test_nm_pruning_plain_optax_loop_invariants():
   params = dict_params()
 
   def check(t, p, state):
-    for name in ("dense_0", "dense_1"):
-      assert_nm(p[name]["kernel"], 2, 4, axis=0)
-      mask = np.asarray(state.masks[name]["kernel"])
-      assert (mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2).all()  # exactly n kept
+    assert_nm(p["dense_0"]["kernel"], 2, 4, axis=0)
+    mask = np.asarray(state.masks["dense_0"]["kernel"])
+    assert (mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2).all()  # exactly n kept
     assert_masked_exactly_zero(p, state.masks)
-    # Non-selected leaves: scalar True masks, values still moving.
+    # Non-selected leaves: scalar True masks, values still moving. dense_1 is the output
+    # head (the last layer), which the default selection leaves dense.
     assert state.masks["dense_0"]["bias"].shape == ()
+    assert state.masks["dense_1"]["kernel"].shape == ()
+    assert (np.asarray(p["dense_1"]["kernel"]) != 0).all()
     assert (np.asarray(p["dense_0"]["bias"]) != 0.1).any()
 
   _, state, losses = run_optax_loop(jaxprune.nm_pruning(optax.adam(1e-2), 2, 4), params, 30, check)
@@ -146,8 +148,9 @@ def test_nm_pruning_nnx_optimizer_invariants():
   losses = []
   for _ in range(25):
     losses.append(float(step(model, optimizer)))
-    for layer in (model.inp, model.hidden, model.out):
+    for layer in (model.inp, model.hidden):
       assert_nm(layer.kernel[...], 2, 4, axis=0)
+    assert (np.asarray(model.out.kernel[...]) != 0).all()  # the output head stays dense
     assert (np.asarray(model.inp.bias[...]) != 0).any()
     assert (np.asarray(model.norm.scale[...]) != 0).all()
   summary = jaxprune.sparsity_summary(nnx.state(model, nnx.Param), nm=(2, 4))
@@ -159,7 +162,8 @@ def test_nm_pruning_axis_and_overrides():
   params = {"a": {"kernel": jnp.arange(1.0, 65.0).reshape(8, 8)},
             "b": {"kernel": jnp.arange(1.0, 25.0).reshape(4, 6)}}
   # 'b' cannot be grouped by 4 along axis 1 (size 6): an override moves it to axis 0.
-  select = jaxprune.select(overrides={"b": {"axis": 0}})
+  # head=None: 'b', the last layer, is pruned too.
+  select = jaxprune.select(head=None, overrides={"b": {"axis": 0}})
   tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4, axis=1, select=select)
   state = tx.init(params)
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
@@ -181,7 +185,7 @@ def test_gmp_follows_schedule_exactly_and_learns():
 
   def check(t, p, state):
     assert_masked_exactly_zero(p, state.masks)
-    for name in ("dense_0", "dense_1"):
+    for name in ("dense_0",):
       kernel = np.asarray(p[name]["kernel"])
       pruned = int((~np.asarray(state.masks[name]["kernel"])).sum())
       # The realised count is the schedule's value in force, rounded per layer.
@@ -193,8 +197,8 @@ def test_gmp_follows_schedule_exactly_and_learns():
 
   params, _, losses = run_optax_loop(
       jaxprune.magnitude_pruning(optax.adam(1e-2), schedule), params, 60, check)
-  for name, size in (("dense_0", 512), ("dense_1", 128)):
-    assert int((np.asarray(params[name]["kernel"]) == 0).sum()) == round(0.8 * size)
+  assert int((np.asarray(params["dense_0"]["kernel"]) == 0).sum()) == round(0.8 * 512)
+  assert int((np.asarray(params["dense_1"]["kernel"]) == 0).sum()) == 0  # the head
   assert np.mean(losses[-5:]) < 0.5 * losses[0]
 
 
@@ -211,7 +215,8 @@ def test_gmp_erk_and_overrides_hit_each_layer_target():
   params = {"wide": {"kernel": jnp.ones((64, 64)) + jnp.arange(4096.0).reshape(64, 64) * 1e-3},
             "narrow": {"kernel": jnp.ones((64, 8)) + jnp.arange(512.0).reshape(64, 8) * 1e-3},
             "fixed": {"kernel": jnp.ones((16, 16)) + jnp.arange(256.0).reshape(16, 16) * 1e-3}}
-  select = jaxprune.select(distribution="erk", overrides={"fixed": {"sparsity": 0.25}})
+  select = jaxprune.select(distribution="erk", head=None,
+                           overrides={"fixed": {"sparsity": 0.25}})
   schedule = jaxprune.polynomial_schedule(0.0, 0.7, 0, 10, frequency=2)
   tx = jaxprune.magnitude_pruning(optax.sgd(1e-3), schedule, select=select)
   state = tx.init(params)
@@ -230,7 +235,8 @@ def test_gmp_erk_and_overrides_hit_each_layer_target():
 def test_global_scope_one_threshold():
   params = {"big": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4) * 10},
             "small": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}}
-  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global")
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global",
+                                  select=jaxprune.select(head=None))
   state = tx.init(params)
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
@@ -335,7 +341,7 @@ def test_masks_tree_maps_with_params_and_checkpoints(tmp_path):
 @pytest.mark.parametrize("make, match", [
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 5, 4), r"`n` must be in \[1, m\]"),
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 0, 4), r"`n` must be >= 1"),
-    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1), r"`step` must be >= 0"),
+    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1), r"`prune_step` must be >= 0"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 1.0), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), -0.2), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, scope="net"), r"`scope` must be"),
@@ -356,7 +362,9 @@ def test_construction_errors(make, match):
 
 @pytest.mark.parametrize("tx, params, match", [
     (jaxprune.nm_pruning(optax.sgd(1.0), 2, 4), {"w": jnp.ones((6, 8))},
-     r"`m` = 4 must divide the size 6 of axis 0 of w"),
+     r"every selected layer is skipped.*'w \(6, 8\): m=4 does not divide size 6 of axis 0'"),
+    (jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, select="w"), {"w": jnp.ones((6, 8))},
+     r"w: size 6 of axis 0 \(shape \(6, 8\)\) is not divisible by m=4"),
     (jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="attention"),
      {"w": jnp.ones((4, 4))}, r"`include` regex 'attention' matches no leaf"),
     (jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="w|step"),
@@ -378,7 +386,7 @@ def test_update_with_a_different_tree_is_an_error():
   other = {"w": jnp.ones((8, 4)), "extra": jnp.ones((4, 4))}
   with pytest.raises(ValueError, match="`updates` does not have the tree structure"):
     tx.update(other, state, other)
-  with pytest.raises(ValueError, match=r"`updates` has a leaf of shape \(4, 4\)"):
+  with pytest.raises(ValueError, match=r"`updates` leaf 'w' has shape \(4, 4\) where `init`"):
     tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
   with pytest.raises(ValueError, match="`update` needs `params`"):
     tx.update(params, state)
@@ -390,7 +398,7 @@ def test_exact_counts_on_many_layers():
   params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)}
             for i, s in enumerate(shapes)}
   schedule = jaxprune.polynomial_schedule(0.1, 0.55, 0, 6, frequency=3)
-  tx = jaxprune.magnitude_pruning(optax.sgd(1e-2), schedule)
+  tx = jaxprune.magnitude_pruning(optax.sgd(1e-2), schedule, select=jaxprune.select(head=None))
   state = tx.init(params)
   update = jax.jit(tx.update)
   for _ in range(7):
