@@ -46,13 +46,16 @@ Non-kernel leaves selected explicitly keep the rank rule: axis 0, or
 
 **Output head** (:func:`head_paths`): kernels whose path matches
 :data:`HEAD_NAMES` (``head``, ``lm_head``, ``logits``, ``Head_0``); if none
-does, the *last* kernel in the tree's own order (dict insertion order, i.e.
-the order linen modules were called in ``init``; Equinox field order;
-sequence index order; ``nnx.State`` is sorted by name), provided the tree
-holds at least two kernels and that top-level layer (``Dense_1``, ``linear2``,
-``layers/8``) holds no other kernel. The last kernel of a repeated block
-(``layers/11/mlp/down``, as in a transformer with tied embeddings) is not a
-head.
+does and the tree holds at least two kernels, the kernel of the *last
+single-kernel top-level layer* in natural path order (numbers compared as
+numbers, so ``Dense_10`` comes after ``Dense_9``). A top-level layer is the
+first path component (after linen's ``params``), or the first two when the
+second is a sequence index (``layers/8``): linen ``Dense_1``, NNX
+``linear2`` and Equinox ``layers/8`` are heads; the blocks of a transformer
+with tied embeddings (``layers/11``, many kernels each) are not. The rule
+reads paths only, so it gives the same answer for a tree at ``init``, inside
+``jit`` and after ``apply_updates`` (which reorder dict keys); name the head
+with ``select(head=...)`` when it is elsewhere.
 """
 
 from __future__ import annotations
@@ -95,7 +98,6 @@ class LeafInfo(NamedTuple):
   kind: str
   axis: int | None
   rule: str
-  order: tuple[int, ...]
   owner: str  # the class of the Equinox module holding the leaf, else ''
 
 
@@ -140,27 +142,25 @@ def _eqx_module_type():
 
 
 def _walk(params):
-  """``(key_path, leaf, order, owner)`` per leaf, in ``jax.tree.leaves`` order."""
+  """``(key_path, leaf, owner)`` per leaf, in ``jax.tree.leaves`` order.
+
+  ``owner`` is the innermost ``eqx.Module`` holding the leaf (None outside Equinox).
+  """
   module_type = _eqx_module_type()
   out = []
 
-  def visit(node, keys, order, owner):
+  def visit(node, keys, owner):
     children, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
     if len(children) == 1 and children[0][0] == () and children[0][1] is node:
-      out.append((tuple(keys), node, tuple(order), owner))
+      out.append((tuple(keys), node, owner))
       return
     if module_type is not None and isinstance(node, module_type):
       owner = node
-    names = list(node.keys()) if hasattr(node, "keys") else None
-    for i, (key_path, child) in enumerate(children):
-      if child is None:
-        continue
-      rank = i
-      if names is not None and isinstance(key_path[0], jax.tree_util.DictKey):
-        rank = names.index(key_path[0].key) if key_path[0].key in names else i
-      visit(child, keys + list(key_path), order + [rank], owner)
+    for key_path, child in children:
+      if child is not None:
+        visit(child, keys + list(key_path), owner)
 
-  visit(params, [], [], None)
+  visit(params, [], None)
   return out
 
 
@@ -219,8 +219,8 @@ def describe(params) -> list[LeafInfo]:
   Equinox model, a string) get kind ``'other'`` and dtype None.
   """
   walked = _walk(params)
-  paths = [path_str(k) for k, _, _, _ in walked]
-  sds = [_shape_dtype(leaf) for _, leaf, _, _ in walked]
+  paths = [path_str(k) for k, _, _ in walked]
+  sds = [_shape_dtype(leaf) for _, leaf, _ in walked]
   children: dict[str, dict[str, Any]] = {}
   for path, sd in zip(paths, sds, strict=True):
     parent, _, name = path.rpartition("/")
@@ -230,11 +230,11 @@ def describe(params) -> list[LeafInfo]:
     grand, _, module = parent.rpartition("/")
     modules.setdefault(grand, set()).add(module)
   out = []
-  for path, sd, (_, _, order, owner) in zip(paths, sds, walked, strict=True):
+  for path, sd, (_, _, owner) in zip(paths, sds, walked, strict=True):
     parent, _, name = path.rpartition("/")
     siblings = {k: v for k, v in children[parent].items() if v is not None}
     if sd is None:
-      out.append(LeafInfo(path, (), None, "other", None, "not an array", order, ""))
+      out.append(LeafInfo(path, (), None, "other", None, "not an array", ""))
       continue
     shape, dtype = sd
     kind = _kind(path, name, parent, shape, dtype, siblings, owner)
@@ -249,7 +249,7 @@ def describe(params) -> list[LeafInfo]:
       axis = 0 if len(shape) <= 2 else len(shape) - 2
       rule = f"{kind}: axis {axis} by rank"
     owner_name = "" if owner is None else type(owner).__name__
-    out.append(LeafInfo(path, tuple(shape), dtype, kind, axis, rule, order, owner_name))
+    out.append(LeafInfo(path, tuple(shape), dtype, kind, axis, rule, owner_name))
   return out
 
 
@@ -261,17 +261,23 @@ def _top_layer(path: str) -> str:
   return "/".join(parts[:depth])
 
 
+def _natural(path: str) -> tuple:
+  """Sort key of a path with numbers compared as numbers: ``Dense_9`` < ``Dense_10``."""
+  return tuple((0, int(c), "") if c.isdigit() else (1, 0, c)
+               for c in re.split(r"(\d+)", path) if c)
+
+
 def head_paths(infos: Sequence[LeafInfo]) -> list[str]:
   """Paths of the output head among ``infos`` (see the module docstring for the rule)."""
   kernels = [i for i in infos if i.kind == "kernel"]
   named = [i.path for i in kernels if re.search(HEAD_NAMES, i.path)]
   if named or len(kernels) < 2:
     return named
-  last = max(kernels, key=lambda i: i.order)
-  top = _top_layer(last.path)
-  if sum(_top_layer(i.path) == top for i in kernels) > 1:
-    return []
-  return [last.path]
+  by_layer: dict[str, list[str]] = {}
+  for i in kernels:
+    by_layer.setdefault(_top_layer(i.path), []).append(i.path)
+  single = [paths[0] for paths in by_layer.values() if len(paths) == 1]
+  return [max(single, key=_natural)] if single else []
 
 
 def einsum_axis(spec: str) -> int:
