@@ -70,8 +70,8 @@ def _children(obj) -> list[Any]:
         freevars[name] = cell.cell_contents
       except ValueError:  # an empty cell
         continue
-    if "inner_factory" in freevars:  # optax.inject_hyperparams
-      return [_step0_inner(freevars)]
+    if "inner_factory" in freevars:  # optax.inject_hyperparams: its init knows every value.
+      return [_step0_inner(freevars)] if "numeric_hps" in freevars else []
     return list(freevars.values())
   found = []
   for name in ("tx", "inner_opt", "_opt", "init", "update"):
