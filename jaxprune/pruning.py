@@ -29,7 +29,15 @@ The masks live in the state, one ``bool`` per parameter for selected leaves and
 a scalar ``True`` for the others, so ``jax.tree.map`` over masks and params
 always works (it broadcasts), and checkpoints and sharding of the optimizer
 state carry the masks. Put the pruning transform last when chaining: a
-transform after it would change the updates and break the invariant.
+transform after it would change the updates and break the invariant; the
+state counts such breaks (``PruningState.violations``, read by
+:func:`jaxprune.check`), as well as clipped out-of-range sparsities.
+
+``optax.MultiSteps`` around a pruning transform calls it once per real
+update, so the schedule counts real updates (with ``every_k_schedule=k``, a
+schedule written in mini-steps reaches only step ``t / k``); put
+``MultiSteps`` inside instead, ``magnitude_pruning(optax.MultiSteps(adamw,
+k), schedule)``, to count mini-steps.
 """
 
 from __future__ import annotations
@@ -416,8 +424,10 @@ def magnitude_pruning(
       threshold across all selected layers without a sparsity override;
       unstructured only).
     select: which parameters, see :func:`jaxprune.select`; a regex or list of
-      regexes means ``select(include=...)``. Default: kernels with
-      ``ndim >= 2``, not embeddings or the output head.
+      regexes means ``select(include=...)``. Default: every kernel (never a
+      bias, norm scale or embedding, whatever its rank) except the output
+      head; for N:M, layers whose grouping axis ``m`` does not divide stay
+      dense (logged, and listed by :func:`jaxprune.sparsity_summary`).
     normalize: with ``scope='global'``, divide each layer's scores by their
       L2 norm first (as JaxPruner's global pruners).
 
@@ -446,6 +456,17 @@ def saliency_pruning(
   gradient: SNIP (Lee et al. 2019), pruning at initialisation. Scores are
   single-batch estimates; already-pruned weights stay pruned (their score is
   below every other). Arguments as :func:`magnitude_pruning`.
+
+  **Per layer by default.** With the default ``scope='layer'`` every layer
+  keeps its own fraction ``1 - s`` (the ERK or override share with
+  ``select``). The SNIP paper ranks ``|w * g|`` *globally*, across all
+  layers, so that layers whose connections matter less lose more; for the
+  paper's method pass ``scope='global'``::
+
+      tx = jaxprune.saliency_pruning(optax.sgd(0.1, momentum=0.9), 0.9, scope="global")
+
+  (The recipes' ``config.prune.score='saliency'`` keeps the per-layer
+  ranking of their magnitude counterpart, so the two differ only in the score.)
   """
   return _scored_pruning(inner, sparsity, structure=structure, scope=scope, select=select,
                          normalize=normalize, score="saliency", seed=0)
@@ -532,10 +553,13 @@ def nm_pruning(
     n: weights kept per group, ``1 <= n <= m``.
     m: group size; must divide the grouping axis of every selected leaf.
     prune_step: the step (>= 0) at which the mask is computed.
-    axis: the grouping axis for every leaf; ``None``: the input axis of a
-      Flax kernel (0 for ``(in, out)``, ``ndim - 2`` for HWIO), which is
-      what 2:4 sparse tensor cores need. Per-parameter ``axis`` overrides
-      in ``select`` take precedence.
+    axis: the grouping axis for every leaf; ``None``: each layer's innermost
+      reduction axis (:mod:`jaxprune.layouts`: ``in`` of a Flax ``(in, out)``
+      or Equinox ``(out, in)`` kernel, the input channels of a conv,
+      ``head_dim`` of an attention output), which is what 2:4 sparse tensor
+      cores need. Per-parameter ``axis`` overrides in ``select`` take
+      precedence. Layers of the default selection whose axis ``m`` does not
+      divide stay dense, as in ASP.
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:

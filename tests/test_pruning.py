@@ -341,7 +341,8 @@ def test_masks_tree_maps_with_params_and_checkpoints(tmp_path):
 @pytest.mark.parametrize("make, match", [
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 5, 4), r"`n` must be in \[1, m\]"),
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 0, 4), r"`n` must be >= 1"),
-    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1), r"`prune_step` must be >= 0"),
+    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1),
+     r"`prune_step` must be >= 0"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 1.0), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), -0.2), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, scope="net"), r"`scope` must be"),
@@ -406,3 +407,129 @@ def test_exact_counts_on_many_layers():
     params = optax.apply_updates(params, updates)
   for i, s in enumerate(shapes):
     assert int((params[f"l{i}"]["kernel"] == 0).sum()) == round(0.55 * math.prod(s))
+
+
+# ----------------------------------------------------------------------------
+# Non-finite weights, out-of-range sparsity, changed shapes: counted or refused.
+
+
+def one_step(tx, params, grads=None, state=None):
+  state = tx.init(params) if state is None else state
+  grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def test_magnitude_pruning_with_nan_and_inf_weights():
+  w = jnp.arange(1.0, 17.0).reshape(4, 4).at[0, 1].set(jnp.nan).at[2, 3].set(-jnp.inf)
+  params = {"w": w, "head": jnp.ones((4, 2))}
+  new, state = one_step(jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5), params)
+  pruned = ~np.asarray(state.masks["w"])
+  # Non-finite scores rank as the largest: the 8 smallest finite weights (1..9 without the
+  # NaN's 2) are pruned, each to exactly +0.0; the NaN and -inf are kept as they are.
+  np.testing.assert_array_equal(np.flatnonzero(pruned), [0, 2, 3, 4, 5, 6, 7, 8])
+  assert (np.asarray(new["w"])[pruned] == 0).all() and not np.signbit(new["w"][pruned]).any()
+  assert np.isnan(new["w"][0, 1]) and new["w"][2, 3] == -np.inf
+  assert jaxprune.check(state, new).ok
+  # A NaN that appears at a pruned entry cannot be landed on 0 (NaN + u is NaN): counted.
+  bad = {"w": new["w"].at[0, 0].set(jnp.nan), "head": new["head"]}
+  later, state = one_step(jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5), bad, state=state)
+  report = jaxprune.check(state, later)
+  assert report.violations == 1 and report.nonfinite_pruned == 1
+  assert "NaN or inf" in str(report)
+  assert (np.asarray(later["w"])[pruned][1:] == 0).all()  # the finite ones still land on 0
+
+
+def test_nm_pruning_with_infinite_groups():
+  # Groups along axis 0 (the input axis); column 0 is [inf, inf, inf, 1].
+  w = jnp.array([[jnp.inf, 1.0], [jnp.inf, 4.0], [jnp.inf, 2.0], [1.0, 3.0]])
+  params = {"w": w, "head": jnp.ones((2, 2))}
+  tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4)
+  new, state = one_step(tx, params)
+  kept = np.asarray(state.masks["w"])
+  np.testing.assert_array_equal(kept, [[True, False], [True, True], [False, False],
+                                       [False, True]])
+  # The pruned finite weights land on exactly 0; the pruned inf cannot (inf - inf is NaN).
+  assert new["w"][3, 0] == 0 and new["w"][0, 1] == 0 and new["w"][2, 1] == 0
+  assert np.isnan(new["w"][2, 0])
+  report = jaxprune.check(state, new)
+  assert report.nonfinite_pruned == 1 and report.pruned_nonzero == 1 and not report.ok
+  _, state = one_step(tx, new, state=state)
+  assert int(state.violations) == 1
+
+
+def test_traced_sparsity_out_of_range_is_clipped_and_counted():
+  params = {"a": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)},
+            "b": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2)}}
+  select = jaxprune.select(head=None)
+  values = {"1.5": 1.5, "1.0": 1.0, "nan": jnp.nan, "-0.5": -0.5}
+  for name, value in values.items():
+    def schedule(step, v=value):
+      return jnp.where(step >= 0, jnp.float32(v), 0.0)  # traced inside update
+
+    tx = jaxprune.magnitude_pruning(optax.sgd(0.0), schedule, select=select)
+    new, state = one_step(tx, params)
+    assert int(state.clipped) == 1, name
+    zeros = [int((x == 0).sum()) for x in jax.tree.leaves(new)]
+    # >= 1 keeps one weight per layer; NaN and negative values prune nothing.
+    assert zeros == ([15, 7] if name in ("1.5", "1.0") else [0, 0]), name
+    assert "clipped" in str(jaxprune.check(state))
+
+
+def test_inject_hyperparams_sparsity_out_of_range_is_clipped():
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = optax.inject_hyperparams(jaxprune.magnitude_pruning)(inner=optax.sgd(0.0), sparsity=0.5)
+  state = tx.init(params)
+  state.hyperparams["sparsity"] = jnp.asarray(1.5)
+  new, state = one_step(tx, params, state=state)
+  assert int(jaxprune.check(state).clipped_steps) == 1
+  assert int((new["w"] == 0).sum()) == 15
+
+
+def test_python_schedule_value_out_of_range_raises():
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), lambda step: 1.5)
+  with pytest.raises(ValueError, match=r"returned 1.5.*`sparsity` must be in \[0, 1\)"):
+    tx.init({"w": jnp.ones((4, 4))})
+
+
+def test_unselected_leaf_that_changes_shape():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones((8,))}
+  tx = jaxprune.magnitude_pruning(optax.adam(1e-2), 0.5)
+  state = tx.init(params)
+  other = {"w": jnp.ones((8, 4)), "b": jnp.ones((1,))}
+  with pytest.raises(ValueError, match=r"`params` leaf 'b' has shape \(1,\).*\(8,\)"):
+    jax.jit(tx.update)(other, state, other)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), "0.5"), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), None), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), [0.5]), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), np.array([0.5, 0.5])),
+     r"`sparsity` must be a number"),
+    (lambda: jaxprune.saliency_pruning(optax.sgd(1.0), True), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select=123),
+     r"`select` must be None, a jaxprune.select"),
+    (lambda: jaxprune.select(123), r"`include` must be a regex"),
+    (lambda: jaxprune.magnitude_pruning(optax.adam, 0.5), r"`inner`.*got the function.*call it"),
+    (lambda: jaxprune.nm_pruning(optax.adamw), r"call it to build the optimizer, e.g. `adamw"),
+    (lambda: jaxprune.random_pruning(42, 0.5), r"`inner` must be an optax.GradientTrans"),
+])
+def test_bad_input_names_the_parameter(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_bool_leaf_named_bool():
+  tx = jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="w|flag")
+  with pytest.raises(ValueError, match="bool leaves cannot be pruned: flag"):
+    tx.init({"w": jnp.ones((4, 4)), "flag": jnp.ones((4, 4), bool)})
+
+
+def test_summary_axis_argument_checks_the_axis_pruned_along():
+  params = {"a": jax.random.normal(jax.random.key(0), (4, 8)),
+            "b": jax.random.normal(jax.random.key(1), (4, 8))}
+  tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4, axis=1, select=jaxprune.select(head=None))
+  new, state = one_step(tx, params)
+  assert jaxprune.sparsity_summary(new, nm=(2, 4), axis=1).nm_ok is True
+  assert jaxprune.sparsity_summary(new, nm=(2, 4), opt_state=state).nm_ok is False  # axis 0
