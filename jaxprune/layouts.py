@@ -60,6 +60,7 @@ with ``select(head=...)`` when it is elsewhere.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -269,7 +270,7 @@ def _natural(path: str) -> tuple:
 
 def head_paths(infos: Sequence[LeafInfo]) -> list[str]:
   """Paths of the output head among ``infos`` (see the module docstring for the rule)."""
-  kernels = [i for i in infos if i.kind == "kernel"]
+  kernels = [i for i in infos if i.kind == "kernel" and math.prod(i.shape)]
   named = [i.path for i in kernels if re.search(HEAD_NAMES, i.path)]
   if named or len(kernels) < 2:
     return named
