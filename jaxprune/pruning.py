@@ -295,6 +295,17 @@ def _scores(score: str, plan, params, grads, key) -> list[jax.Array | None]:
   return out
 
 
+def _normalized(s: jax.Array) -> jax.Array:
+  """:func:`jaxprune.masks.l2_normalized` with the norm over the finite scores only.
+
+  One NaN or inf must not turn a whole layer's scores into NaN (which would
+  rank the layer above every other and push all pruning onto the rest);
+  non-finite scores stay as they are and rank as the largest.
+  """
+  finite = jnp.isfinite(s)
+  return jnp.where(finite, masks_lib.l2_normalized(jnp.where(finite, s, 0.0)), s)
+
+
 def masked_update(updates, masks, params):
   """``where(mask, updates, -params)``: lands pruned entries on exactly zero.
 
@@ -366,7 +377,7 @@ def _pruning_transform(
       for i, leaf in enumerate(plan):
         if leaf is not None:
           if normalize and leaf.in_global:
-            scores[i] = masks_lib.l2_normalized(scores[i])
+            scores[i] = _normalized(scores[i])
           # Pruned entries score below every other: they stay pruned as the target grows.
           scores[i] = jnp.where(old[i], scores[i], -1.0)
       fresh = mask_leaves(plan, scores, sparsity, final, structure, keep_one=clipped)

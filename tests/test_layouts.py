@@ -216,3 +216,6 @@ def test_zero_size_kernel_is_left_alone():
   new = optax.apply_updates(params, updates)
   assert state.masks["empty"].shape == () and new["empty"].shape == (0, 8)
   assert int((new["w"] == 0).sum()) == 32
+  # RigL too (it divided by the size at init).
+  state = jaxprune.rigl(optax.sgd(0.1), 0.5, end_step=10).init(params)
+  assert state.masks["empty"].shape == () and int((~state.masks["w"]).sum()) == 32

@@ -533,3 +533,18 @@ def test_summary_axis_argument_checks_the_axis_pruned_along():
   new, state = one_step(tx, params)
   assert jaxprune.sparsity_summary(new, nm=(2, 4), axis=1).nm_ok is True
   assert jaxprune.sparsity_summary(new, nm=(2, 4), opt_state=state).nm_ok is False  # axis 0
+
+
+def test_global_normalized_scope_with_a_nan_layer():
+  # One NaN in `a` must not make all of `a` rank above `b` (which would prune all of `b`).
+  a = jnp.arange(1.0, 17.0).reshape(4, 4).at[0, 0].set(jnp.nan)
+  b = jnp.arange(1.0, 17.0).reshape(4, 4)
+  params = {"a": a, "b": b}
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global", normalize=True,
+                                  select=jaxprune.select(head=None))
+  new, state = one_step(tx, params)
+  # Finite norms: |a| = sqrt(1495) < |b| = sqrt(1496), so a's k scores just above b's k. The
+  # 16 smallest are b's 1, then b's and a's 2..8, then b's 9: 9 from b, 7 from a, NaN kept.
+  assert int((new["b"] == 0).sum()) == 9 and int((new["a"] == 0).sum()) == 7
+  assert np.isnan(new["a"][0, 0])
+  assert jaxprune.check(state, new).ok
