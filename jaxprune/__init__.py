@@ -32,6 +32,7 @@ from jaxprune.masks import (
 from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
 from jaxprune.pruning import (
     PruningState,
+    SkippedLayerWarning,
     magnitude_pruning,
     nm_pruning,
     random_pruning,

@@ -42,8 +42,8 @@ k), schedule)``, to count mini-steps.
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -59,7 +59,6 @@ from jaxprune import selection as selection_lib
 
 SCOPES = ("layer", "global")
 
-_log = logging.getLogger("jaxprune")
 # The largest float32 below 1: where a sparsity >= 1 is clipped to.
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
@@ -124,6 +123,7 @@ def plan_with_skipped(params, selection, final, structure, scope, *, tile: int |
     tile = structure.m
   planned, skipped = selection_lib.plan_leaves(
       selection, params, m=tile, axis=structure.axis if is_nm else None)
+  warn_skipped(skipped)
   specs = selection_lib.specs_of(selection, planned, 0.0 if final is None else final)
   plan = []
   for spec, p in zip(specs, planned, strict=True):
@@ -152,12 +152,22 @@ def plan(params, selection, final, structure, scope, *, tile: int | None = None
 _plan = plan  # The name other modules used before the hook was public.
 
 
-def log_skipped(who: str, skipped: Sequence[selection_lib.Skipped]) -> None:
-  """One log line (``logging`` at WARNING, logger ``'jaxprune'``) listing the skipped layers."""
+class SkippedLayerWarning(UserWarning):
+  """Layers of the default selection left dense because ``m`` cannot tile their grouping axis."""
+
+
+def warn_skipped(skipped: Sequence[selection_lib.Skipped]) -> None:
+  """One warning line listing the skipped layers (Python shows each distinct line once).
+
+  Raised from :func:`plan`, so every transform that prunes N:M reports it;
+  silence it with ``warnings.filterwarnings('ignore', category=SkippedLayerWarning)``.
+  """
   if skipped:
-    _log.warning("%s: %d layer(s) stay dense because their grouping axis cannot be tiled "
-                 "(as NVIDIA ASP does): %s", who, len(skipped),
-                 "; ".join(f"{s.path} {s.shape} ({s.reason})" for s in skipped))
+    warnings.warn(
+        f"jaxprune: {len(skipped)} layer(s) stay dense because their grouping axis cannot be "
+        "tiled (as NVIDIA ASP does): " + "; ".join(f"{s.path} {s.shape} ({s.reason})"
+                                                   for s in skipped),
+        SkippedLayerWarning, stacklevel=3)
 
 
 def _check_tree(name: str, tree, masks) -> None:
@@ -350,13 +360,11 @@ def _pruning_transform(
           "ERK and per-parameter sparsity overrides need a schedule with a concrete "
           "`final_sparsity` (e.g. jaxprune.polynomial_schedule), got "
           f"{schedule!r}.")
-    plan, skipped = plan_with_skipped(params, selection, final, structure, scope)
-    return plan, final, skipped
+    return plan_with_skipped(params, selection, final, structure, scope)[0], final
 
   def init_fn(params):
-    plan, _, skipped = plan_for(params)
+    plan, _ = plan_for(params)
     checked_sparsity(schedule, jnp.zeros([], jnp.int32))
-    log_skipped(f"jaxprune {structure!r} pruning", skipped)
     leaves, treedef = jax.tree.flatten(params)
     masks = [jnp.ones((), bool) if leaf is None else jnp.ones(jnp.shape(x), bool)
              for leaf, x in zip(plan, leaves, strict=True)]
@@ -365,7 +373,7 @@ def _pruning_transform(
 
   def update_fn(updates, state, params=None):
     check_update_args("jaxprune pruning transform", updates, params, state.masks)
-    plan, final, _ = plan_for(params)
+    plan, final = plan_for(params)
     step = state.count
     sparsity, clipped = checked_sparsity(schedule, step)
     is_update = schedules_lib.is_update_step(schedule, step)
@@ -438,7 +446,8 @@ def magnitude_pruning(
       regexes means ``select(include=...)``. Default: every kernel (never a
       bias, norm scale or embedding, whatever its rank) except the output
       head; for N:M, layers whose grouping axis ``m`` does not divide stay
-      dense (logged, and listed by :func:`jaxprune.sparsity_summary`).
+      dense (a :class:`SkippedLayerWarning`, and listed by
+      :func:`jaxprune.sparsity_summary`).
     normalize: with ``scope='global'``, divide each layer's scores by their
       L2 norm first (as JaxPruner's global pruners).
 

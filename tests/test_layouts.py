@@ -6,7 +6,6 @@ layout (Flax ``(in, out)``, ``HWIO``, attention ``(in, heads, head_dim)`` and
 """
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -173,13 +172,15 @@ def test_head_argument():
 # Skipped layers and bad input.
 
 
-def test_skipped_layers_logged_once_and_explicit_select_raises(caplog):
+def test_skipped_layers_warned_in_one_line_and_explicit_select_raises():
   c = case("linen_cnn")
-  tx = jaxprune.nm_pruning(optax.sgd(0.1), 2, 4)
-  with caplog.at_level(logging.WARNING, logger="jaxprune"):
-    tx.init(c.params)
-  lines = [r.getMessage() for r in caplog.records if r.name == "jaxprune"]
-  assert len(lines) == 1 and "Conv_0/kernel (3, 3, 1, 8)" in lines[0] and "ASP" in lines[0]
+  for tx in (jaxprune.nm_pruning(optax.sgd(0.1), 2, 4), jaxprune.sr_ste(optax.sgd(0.1)),
+             jaxprune.quantization(optax.sgd(0.1), "int8", nm=(2, 4))):
+    with pytest.warns(jaxprune.pruning.SkippedLayerWarning) as record:
+      tx.init(c.params)
+    lines = {str(w.message) for w in record}
+    assert len(lines) == 1
+    assert "Conv_0/kernel (3, 3, 1, 8)" in lines.pop()
   with pytest.raises(ValueError, match=r"Conv_0/kernel: size 1 of axis 2.*not divisible by m=4"):
     jaxprune.nm_pruning(optax.sgd(0.1), 2, 4, select="Conv_0").init(c.params)
   with pytest.raises(ValueError, match=r"Conv_0/kernel: size 1 of axis 2"):
