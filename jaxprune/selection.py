@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import _checks, layouts
 from jaxprune.layouts import path_str
@@ -163,8 +164,9 @@ class Selection:
     if self.distribution not in DISTRIBUTIONS:
       raise ValueError(
           f"`distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
-    if not isinstance(self.prune_embeddings, bool):
+    if not isinstance(self.prune_embeddings, bool | np.bool_):
       raise ValueError(f"`prune_embeddings` must be a bool, got {self.prune_embeddings!r}.")
+    set_(self, "prune_embeddings", bool(self.prune_embeddings))
     if self.head is not None and self.head != "auto":
       _as_regexes("head", self.head)
       if not isinstance(self.head, str):
