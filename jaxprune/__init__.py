@@ -14,6 +14,8 @@ from jaxprune.compress import (
     save_compressed,
 )
 from jaxprune.dst import connectivity_update, drop_fraction_schedule, rigl, set_pruning
+from jaxprune.invariants import Check, check
+from jaxprune.layouts import einsum_axis
 from jaxprune.masks import (
     NM,
     UNSTRUCTURED,
@@ -30,6 +32,7 @@ from jaxprune.masks import (
 from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
 from jaxprune.pruning import (
     PruningState,
+    SkippedLayerWarning,
     magnitude_pruning,
     nm_pruning,
     random_pruning,
@@ -62,5 +65,6 @@ from jaxprune.straight_through import (
     sr_ste,
     ste,
 )
+from jaxprune.views import schedule_free_eval_params, view
 
 __version__ = "0.1.0"

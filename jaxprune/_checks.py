@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 
 import jax
+import jax.numpy as jnp
 
 
 def is_concrete(value) -> bool:
@@ -16,7 +17,18 @@ def is_concrete(value) -> bool:
 
 
 def check_sparsity(name: str, value) -> None:
-  """Raises unless ``0 <= value < 1``."""
+  """Raises unless ``value`` is a real number (or a scalar array) with ``0 <= value < 1``.
+
+  Strings, ``None``, bools, lists and arrays of more than one element are
+  refused with the same message (a traced scalar is let through).
+  """
+  shape = getattr(value, "shape", None)
+  is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  dtype = getattr(value, "dtype", None)
+  is_scalar_array = shape == () and dtype is not None and (
+      jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+  if not (is_number or is_scalar_array):
+    raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
   if not is_concrete(value):
     return
   value = float(value)
@@ -41,3 +53,21 @@ def check_nm(n, m) -> tuple[int, int]:
   if n > m:
     raise ValueError(f"`n` must be in [1, m] = [1, {m}], got n={n}.")
   return n, m
+
+
+def check_inner(value, name: str = "inner") -> None:
+  """Raises unless ``value`` is an optax ``GradientTransformation`` (has ``init`` and ``update``).
+
+  An optimizer factory passed uncalled (``optax.adam`` instead of
+  ``optax.adam(1e-3)``) is named as such. Every wrapper that takes an inner
+  optimizer calls this at construction.
+  """
+  if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+    return
+  if callable(value):
+    what = getattr(value, "__qualname__", None) or repr(value)
+    raise ValueError(
+        f"`{name}` must be an optax.GradientTransformation, got the function {what}: call it "
+        f"to build the optimizer, e.g. `{getattr(value, '__name__', 'optimizer')}(1e-3)` "
+        "instead of passing it uncalled.")
+  raise ValueError(f"`{name}` must be an optax.GradientTransformation, got {value!r}.")

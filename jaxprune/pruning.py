@@ -29,25 +29,38 @@ The masks live in the state, one ``bool`` per parameter for selected leaves and
 a scalar ``True`` for the others, so ``jax.tree.map`` over masks and params
 always works (it broadcasts), and checkpoints and sharding of the optimizer
 state carry the masks. Put the pruning transform last when chaining: a
-transform after it would change the updates and break the invariant.
+transform after it would change the updates and break the invariant; the
+state counts such breaks (``PruningState.violations``, read by
+:func:`jaxprune.check`), as well as clipped out-of-range sparsities.
+
+``optax.MultiSteps`` around a pruning transform calls it once per real
+update, so the schedule counts real updates (with ``every_k_schedule=k``, a
+schedule written in mini-steps reaches only step ``t / k``); put
+``MultiSteps`` inside instead, ``magnitude_pruning(optax.MultiSteps(adamw,
+k), schedule)``, to count mini-steps.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxprune import _checks
+from jaxprune import _checks, invariants
 from jaxprune import masks as masks_lib
 from jaxprune import schedules as schedules_lib
 from jaxprune import selection as selection_lib
 
 SCOPES = ("layer", "global")
+
+# The largest float32 below 1: where a sparsity >= 1 is clipped to.
+_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 class PruningState(NamedTuple):
@@ -58,11 +71,19 @@ class PruningState(NamedTuple):
     masks: a tree like params: ``bool`` masks (True = kept) for pruned
       leaves, a scalar ``True`` for the others.
     count: number of ``update`` calls so far (the schedule's step).
+    violations: pruned entries of the params given to ``update`` that were
+      not exactly 0, summed over steps (int32, saturating); see
+      :mod:`jaxprune.invariants` and :func:`jaxprune.check`. None in states
+      built by transforms that do not count them.
+    clipped: update steps whose sparsity was outside [0, 1) or NaN and was
+      clipped (int32, saturating); None where not counted.
   """
 
   inner_state: optax.OptState
   masks: Any
   count: jax.Array
+  violations: jax.Array | None = None
+  clipped: jax.Array | None = None
 
 
 class _Leaf(NamedTuple):
@@ -81,6 +102,10 @@ def as_selection(select) -> selection_lib.Selection:
     return selection_lib.select()
   if isinstance(select, selection_lib.Selection):
     return select
+  if not (isinstance(select, str) or (isinstance(select, Sequence) and all(
+      isinstance(r, str) for r in select))):
+    raise ValueError(f"`select` must be None, a jaxprune.select(...), a regex or a list of "
+                     f"regexes, got {select!r}.")
   return selection_lib.select(include=select)
 
 
@@ -91,25 +116,58 @@ def _final_sparsity(schedule) -> float | None:
   return float(final)
 
 
-def _plan(params, selection, final, structure, scope) -> list[_Leaf | None]:
-  """Per-leaf plan, one entry per leaf of ``params``; raises on bad input."""
+def plan_with_skipped(params, selection, final, structure, scope, *, tile: int | None = None):
+  """:func:`plan`, and the layers skipped because their grouping axis cannot be tiled."""
   is_nm = isinstance(structure, masks_lib.NM)
-  specs = selection_lib.resolve(selection, params, 0.0 if final is None else final)
+  if tile is None and is_nm:
+    tile = structure.m
+  planned, skipped = selection_lib.plan_leaves(
+      selection, params, m=tile, axis=structure.axis if is_nm else None)
+  warn_skipped(skipped)
+  specs = selection_lib.specs_of(selection, planned, 0.0 if final is None else final)
   plan = []
-  for spec, leaf in zip(specs, jax.tree.leaves(params), strict=True):
+  for spec, p in zip(specs, planned, strict=True):
     if spec is None:
       plan.append(None)
       continue
-    shape = tuple(jnp.shape(leaf))
-    axis = spec.axis
     override = selection.override(spec.path)
-    if is_nm:
-      if structure.axis is not None and (override is None or override.axis is None):
-        axis = structure.axis
-      axis = masks_lib.check_nm_axis(shape, structure.m, axis, name=spec.path)
     in_global = scope == "global" and (override is None or override.sparsity is None)
-    plan.append(_Leaf(spec.path, shape, spec.sparsity, axis, in_global))
-  return plan
+    plan.append(_Leaf(spec.path, p.shape, spec.sparsity, spec.axis, in_global))
+  return plan, skipped
+
+
+def plan(params, selection, final, structure, scope, *, tile: int | None = None
+         ) -> list[_Leaf | None]:
+  """Per-leaf plan, one entry per leaf of ``params``; raises on bad input.
+
+  The hook every transform that prunes goes through (pruners, STE family,
+  STEP, QAT): which leaves, each one's final target and grouping axis
+  (:func:`jaxprune.selection.plan_leaves`). ``tile``: the size the grouping
+  axis must be a multiple of (default: ``m`` for N:M); layers of the default
+  selection that it does not divide are skipped and stay dense.
+  """
+  return plan_with_skipped(params, selection, final, structure, scope, tile=tile)[0]
+
+
+_plan = plan  # The name other modules used before the hook was public.
+
+
+class SkippedLayerWarning(UserWarning):
+  """Layers of the default selection left dense because ``m`` cannot tile their grouping axis."""
+
+
+def warn_skipped(skipped: Sequence[selection_lib.Skipped]) -> None:
+  """One warning line listing the skipped layers (Python shows each distinct line once).
+
+  Raised from :func:`plan`, so every transform that prunes N:M reports it;
+  silence it with ``warnings.filterwarnings('ignore', category=SkippedLayerWarning)``.
+  """
+  if skipped:
+    warnings.warn(
+        f"jaxprune: {len(skipped)} layer(s) stay dense because their grouping axis cannot be "
+        "tiled (as NVIDIA ASP does): " + "; ".join(f"{s.path} {s.shape} ({s.reason})"
+                                                   for s in skipped),
+        SkippedLayerWarning, stacklevel=3)
 
 
 def _check_tree(name: str, tree, masks) -> None:
@@ -118,10 +176,11 @@ def _check_tree(name: str, tree, masks) -> None:
     raise ValueError(
         f"`{name}` does not have the tree structure of the params given to `init`:\n"
         f"  init:   {jax.tree.structure(masks)}\n  update: {jax.tree.structure(tree)}")
-  for x, mask in zip(jax.tree.leaves(tree), jax.tree.leaves(masks), strict=True):
+  paths = selection_lib.leaf_paths(tree)
+  for path, x, mask in zip(paths, jax.tree.leaves(tree), jax.tree.leaves(masks), strict=True):
     if jnp.ndim(mask) and jnp.shape(x) != jnp.shape(mask):
-      raise ValueError(
-          f"`{name}` has a leaf of shape {jnp.shape(x)} where `init` saw {jnp.shape(mask)}.")
+      raise ValueError(f"`{name}` leaf {path!r} has shape {jnp.shape(x)} where `init` saw "
+                       f"{jnp.shape(mask)}.")
 
 
 def check_update_args(who: str, updates, params, like) -> None:
@@ -132,18 +191,67 @@ def check_update_args(who: str, updates, params, like) -> None:
   _check_tree("params", params, like)
 
 
+def inner_update(inner, grads, inner_state, params):
+  """``inner.update``, then checks that every update has its param's shape.
+
+  Unpruned leaves have no mask that records their shape, so a leaf that
+  changed shape since ``init`` is caught here: the inner state still holds the
+  old shape and either broadcasts against the new one or fails.
+  """
+  try:
+    updates, inner_state = inner.update(grads, inner_state, params)
+  except TypeError as e:
+    if "shape" not in str(e):
+      raise
+    raise ValueError(f"the inner optimizer failed on `params` whose shapes differ from those "
+                     f"it saw at `init`; a params leaf changed shape? ({e})") from e
+  paths = selection_lib.leaf_paths(params)
+  for path, u, p in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+    if jnp.shape(u) != jnp.shape(p):
+      raise ValueError(f"`params` leaf {path!r} has shape {jnp.shape(p)}, but the inner "
+                       f"optimizer's update has shape {jnp.shape(u)}: the leaf changed shape "
+                       "since `init`.")
+  return updates, inner_state
+
+
+def checked_sparsity(schedule, step) -> tuple[jax.Array, jax.Array]:
+  """``(s, clipped)``: the schedule's value at ``step`` in [0, 1) (float32), and if it was clipped.
+
+  A Python or NumPy value outside [0, 1) raises (it is known on the host); a
+  traced one (a plain callable of the step, ``inject_hyperparams``) is
+  clipped: NaN and negative values to 0, values >= 1 to the largest float32
+  below 1 (and the count to keep one weight per layer, see
+  :func:`mask_leaves`).
+  """
+  s = schedule(step)
+  if not isinstance(s, jax.Array | jax.core.Tracer):
+    try:
+      _checks.check_sparsity("sparsity", s)
+    except ValueError as e:
+      raise ValueError(f"the sparsity schedule {schedule!r} returned {s!r}: {e}") from None
+  s = jnp.asarray(s, jnp.float32)
+  if s.shape:
+    raise ValueError(f"the sparsity schedule must return a scalar, got shape {s.shape}.")
+  valid = (s >= 0.0) & (s < 1.0)
+  return jnp.where(valid, s, jnp.where(s >= 1.0, _BELOW_ONE, 0.0)), ~valid
+
+
 def mask_leaves(
     plan: Sequence[_Leaf | None],
     scores: Sequence[jax.Array],
     sparsity: jax.Array,
     final: float | None,
     structure,
+    *,
+    keep_one: jax.Array | bool = False,
 ) -> list[jax.Array | None]:
   """New masks for the planned leaves at target ``sparsity`` (None elsewhere).
 
   Each layer prunes ``round(sparsity / final * k_l)`` weights, where
   ``k_l = round(s_l * size_l)`` is its final count computed exactly on the
   host, so every layer hits its target exactly when the schedule ends.
+  Where ``keep_one`` (a clipped sparsity, :func:`checked_sparsity`), at most
+  ``size - 1`` are pruned: a layer (or, in global scope, the model) keeps a weight.
   """
   out: list[jax.Array | None] = [None] * len(plan)
   if isinstance(structure, masks_lib.NM):
@@ -155,10 +263,12 @@ def mask_leaves(
 
   def count(target: float, size: int) -> jax.Array:
     if final is None:  # a plain callable schedule: its value is the target.
-      return masks_lib.num_pruned(sparsity, size)
-    fraction = sparsity / final if final > 0 else jnp.zeros_like(sparsity)
-    k = jnp.round(fraction * masks_lib.num_pruned(target, size))
-    return jnp.clip(k, 0, size).astype(jnp.int32)
+      k = masks_lib.num_pruned(sparsity, size)
+    else:
+      fraction = sparsity / final if final > 0 else jnp.zeros_like(sparsity)
+      k = jnp.round(fraction * masks_lib.num_pruned(target, size))
+    k = jnp.clip(k, 0, size).astype(jnp.int32)
+    return jnp.where(keep_one, jnp.minimum(k, size - 1), k)
 
   shared = [i for i, leaf in enumerate(plan) if leaf is not None and leaf.in_global]
   if shared:
@@ -195,8 +305,25 @@ def _scores(score: str, plan, params, grads, key) -> list[jax.Array | None]:
   return out
 
 
+def _normalized(s: jax.Array) -> jax.Array:
+  """:func:`jaxprune.masks.l2_normalized` with the norm over the finite scores only.
+
+  One NaN or inf must not turn a whole layer's scores into NaN (which would
+  rank the layer above every other and push all pruning onto the rest);
+  non-finite scores stay as they are and rank as the largest.
+  """
+  finite = jnp.isfinite(s)
+  return jnp.where(finite, masks_lib.l2_normalized(jnp.where(finite, s, 0.0)), s)
+
+
 def masked_update(updates, masks, params):
-  """``where(mask, updates, -params)``: lands pruned entries on exactly zero."""
+  """``where(mask, updates, -params)``: lands pruned entries on exactly zero.
+
+  ``p + (-p)`` is exactly ``0.0`` for every finite ``p`` (``-0.0`` included).
+  For a NaN or infinite ``p`` no update lands on 0 under ``apply_updates``
+  (``p + u`` is NaN or inf for every ``u``); such entries stay non-finite and
+  are counted as violations (:mod:`jaxprune.invariants`).
+  """
   return jax.tree.map(
       lambda u, m, p: u if m.ndim == 0 else jnp.where(m, u, -p).astype(u.dtype),
       updates, masks, params)
@@ -220,33 +347,36 @@ def _pruning_transform(
     seed: int = 0,
 ) -> optax.GradientTransformation:
   """The shared engine of every pruner here: a score x a structure x a schedule."""
+  _checks.check_inner(inner)
   selection = as_selection(select)
 
   def plan_for(params):
     final = _final_sparsity(schedule)
+    if final is not None:
+      _checks.check_sparsity("final_sparsity", final)
     if final is None and (selection.distribution != "uniform" or any(
         o.sparsity is not None for _, o in selection.overrides)):
       raise ValueError(
           "ERK and per-parameter sparsity overrides need a schedule with a concrete "
           "`final_sparsity` (e.g. jaxprune.polynomial_schedule), got "
           f"{schedule!r}.")
-    return _plan(params, selection, final, structure, scope), final
+    return plan_with_skipped(params, selection, final, structure, scope)[0], final
 
   def init_fn(params):
     plan, _ = plan_for(params)
+    checked_sparsity(schedule, jnp.zeros([], jnp.int32))
     leaves, treedef = jax.tree.flatten(params)
     masks = [jnp.ones((), bool) if leaf is None else jnp.ones(jnp.shape(x), bool)
              for leaf, x in zip(plan, leaves, strict=True)]
-    return PruningState(
-        inner_state=inner.init(params),
-        masks=treedef.unflatten(masks),
-        count=jnp.zeros([], jnp.int32),
-    )
+    zero = jnp.zeros([], jnp.int32)
+    return PruningState(inner.init(params), treedef.unflatten(masks), zero, zero, zero)
 
   def update_fn(updates, state, params=None):
     check_update_args("jaxprune pruning transform", updates, params, state.masks)
     plan, final = plan_for(params)
     step = state.count
+    sparsity, clipped = checked_sparsity(schedule, step)
+    is_update = schedules_lib.is_update_step(schedule, step)
 
     def recompute():
       old = jax.tree.leaves(state.masks)
@@ -255,23 +385,30 @@ def _pruning_transform(
       for i, leaf in enumerate(plan):
         if leaf is not None:
           if normalize and leaf.in_global:
-            scores[i] = masks_lib.l2_normalized(scores[i])
+            scores[i] = _normalized(scores[i])
           # Pruned entries score below every other: they stay pruned as the target grows.
           scores[i] = jnp.where(old[i], scores[i], -1.0)
-      fresh = mask_leaves(plan, scores, schedule(step), final, structure)
+      fresh = mask_leaves(plan, scores, sparsity, final, structure, keep_one=clipped)
       return jax.tree.structure(state.masks).unflatten(
           [o if f is None else f for o, f in zip(old, fresh, strict=True)])
 
     # The branch reads only params and masks, which are materialised anyway, so
     # XLA keeps the optimizer update fused on steps without a mask update.
-    masks = jax.lax.cond(schedules_lib.is_update_step(schedule, step), recompute,
-                         lambda: state.masks)
+    masks = jax.lax.cond(is_update, recompute, lambda: state.masks)
     grads = mask_gradients(updates, masks)
-    updates, inner_state = inner.update(grads, state.inner_state, params)
+    updates, inner_state = inner_update(inner, grads, state.inner_state, params)
     updates = masked_update(updates, masks, params)
-    return updates, PruningState(inner_state, masks, optax.safe_int32_increment(step))
+    return updates, PruningState(
+        inner_state, masks, optax.safe_int32_increment(step),
+        _count(state.violations, invariants.count_violations(state.masks, params)),
+        _count(state.clipped, clipped & is_update))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _count(total: jax.Array | None, x: jax.Array) -> jax.Array:
+  """Adds to a saturating counter; a state without one (None, e.g. restored) starts at 0."""
+  return invariants.saturating_add(jnp.zeros([], jnp.int32) if total is None else total, x)
 
 
 def magnitude_pruning(
@@ -306,8 +443,11 @@ def magnitude_pruning(
       threshold across all selected layers without a sparsity override;
       unstructured only).
     select: which parameters, see :func:`jaxprune.select`; a regex or list of
-      regexes means ``select(include=...)``. Default: kernels with
-      ``ndim >= 2``, not embeddings or the output head.
+      regexes means ``select(include=...)``. Default: every kernel (never a
+      bias, norm scale or embedding, whatever its rank) except the output
+      head; for N:M, layers whose grouping axis ``m`` does not divide stay
+      dense (a :class:`SkippedLayerWarning`, and listed by
+      :func:`jaxprune.sparsity_summary`).
     normalize: with ``scope='global'``, divide each layer's scores by their
       L2 norm first (as JaxPruner's global pruners).
 
@@ -339,6 +479,17 @@ def saliency_pruning(
   (as google-research/rigl's ``SparseSnipOptimizer`` does). Scores are
   single-batch estimates; already-pruned weights stay pruned (their score is
   below every other). Arguments as :func:`magnitude_pruning`.
+
+  **Per layer by default.** With the default ``scope='layer'`` every layer
+  keeps its own fraction ``1 - s`` (the ERK or override share with
+  ``select``). The SNIP paper ranks ``|w * g|`` *globally*, across all
+  layers, so that layers whose connections matter less lose more; for the
+  paper's method pass ``scope='global'``::
+
+      tx = jaxprune.saliency_pruning(optax.sgd(0.1, momentum=0.9), 0.9, scope="global")
+
+  (The recipes' ``config.prune.score='saliency'`` keeps the per-layer
+  ranking of their magnitude counterpart, so the two differ only in the score.)
   """
   return _scored_pruning(inner, sparsity, structure=structure, scope=scope, select=select,
                          normalize=normalize, score="saliency", seed=0)
@@ -381,6 +532,8 @@ def random_pruning(
 
 def _scored_pruning(inner, sparsity, *, structure, scope, select, normalize, score, seed):
   """Validates the arguments shared by the pruners, then builds the transform."""
+  if not callable(sparsity):
+    _checks.check_sparsity("sparsity", sparsity)
   if scope not in SCOPES:
     raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
   if not isinstance(structure, masks_lib.Unstructured | masks_lib.NM):
@@ -396,8 +549,6 @@ def _scored_pruning(inner, sparsity, *, structure, scope, select, normalize, sco
           f"is {structure.sparsity}; pass a schedule or {structure.sparsity}.")
   if scope == "global" and as_selection(select).distribution != "uniform":
     raise ValueError("`scope='global'` uses one threshold; `distribution` must be 'uniform'.")
-  if not callable(sparsity):
-    _checks.check_sparsity("sparsity", sparsity)
   schedule = schedules_lib.as_schedule(sparsity)
   return _pruning_transform(inner, schedule, structure=structure, scope=scope, select=select,
                             normalize=normalize, score=score, seed=seed)
@@ -425,16 +576,20 @@ def nm_pruning(
     n: weights kept per group, ``1 <= n <= m``.
     m: group size; must divide the grouping axis of every selected leaf.
     prune_step: the step (>= 0) at which the mask is computed.
-    axis: the grouping axis for every leaf; ``None``: the input axis of a
-      Flax kernel (0 for ``(in, out)``, ``ndim - 2`` for HWIO), which is
-      what 2:4 sparse tensor cores need. Per-parameter ``axis`` overrides
-      in ``select`` take precedence.
+    axis: the grouping axis for every leaf; ``None``: each layer's innermost
+      reduction axis (:mod:`jaxprune.layouts`: ``in`` of a Flax ``(in, out)``
+      or Equinox ``(out, in)`` kernel, the input channels of a conv,
+      ``head_dim`` of an attention output), which is what 2:4 sparse tensor
+      cores need. Per-parameter ``axis`` overrides in ``select`` take
+      precedence. Layers of the default selection whose axis ``m`` does not
+      divide stay dense, as in ASP.
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
   structure = masks_lib.nm(n, m, axis=axis)
+  prune_step = _checks.check_int("prune_step", prune_step, minimum=0)
   schedule = schedules_lib.one_shot_schedule(structure.sparsity, prune_step)
   return _pruning_transform(
       inner, schedule, structure=structure, scope="layer", select=select, normalize=False)

@@ -5,21 +5,28 @@ which leaves of a parameter tree are pruned, and :func:`resolve` turns it and a
 global target sparsity into one :class:`LeafSpec` (or ``None``) per leaf.
 
 Parameters are named by '/'-joined paths (:func:`path_str`), the same for plain
-dicts, Flax linen params (``'params/Dense_0/kernel'``) and ``flax.nnx.State``
+dicts, Flax linen params (``'params/Dense_0/kernel'``), ``flax.nnx.State``
 (``'blocks/0/kernel'``: the trailing ``.value`` of an ``nnx.Variable`` is
-dropped). Selections are regexes matched with ``re.search`` against these paths.
+dropped) and Equinox modules (``'layers/0/weight'``). Selections are regexes
+matched with ``re.search`` against these paths.
 
-Default rule (``include=None``): every floating-point leaf with ``ndim >= 2``
-whose path does not match :data:`DEFAULT_EXCLUDE` (embeddings and the output
-head, which are known to be sensitive to pruning). Biases and norm scales
-(``ndim == 1``) are never selected by the default rule.
+Default rule (``include=None``): the layer decides, not the rank. Every
+*kernel* (:mod:`jaxprune.layouts`: a floating-point leaf with ``ndim >= 2``
+that is not a bias, a norm scale or an embedding, whatever its rank) except
+the output head (:func:`jaxprune.layouts.head_paths`: a kernel named like
+``head``/``lm_head``/``logits``, else the last layer of the tree).
 
-N:M axis. The default N:M axis is the *input* (reduction) axis of a Flax
-kernel: axis 0 of an ``(in, out)`` Dense kernel, axis ``ndim - 2`` (the ``I`` of
-``HWIO``) of a conv kernel. Groups of ``m`` consecutive weights along the
-reduction axis are what 2:4 sparse tensor cores need (``y = x @ W`` with ``W``
-sparse along the dimension that is summed over). JaxPruner groups along the
-last (output) axis for Flax kernels, which gives masks the hardware cannot use.
+N:M axis. A kernel's grouping axis is the innermost axis its layer sums over
+(:mod:`jaxprune.layouts`): ``in`` of a Flax ``(in, out)`` Dense kernel and of
+an Equinox ``(out, in)`` Linear weight, the input channels of a conv (``I`` of
+``HWIO``, ``in`` of Equinox's ``(out, in, kh, kw)``), ``head_dim`` of an
+attention output ``(heads, head_dim, out)``. Groups of ``m`` consecutive
+weights along it are what 2:4 sparse tensor cores need. JaxPruner groups
+along the last (output) axis of Flax kernels, which the hardware cannot use.
+With a group size ``m`` (:func:`resolve`), a layer whose grouping axis ``m``
+does not divide is skipped and stays dense, as NVIDIA's ASP does (e.g. the
+first conv of an MNIST CNN, with one input channel); an explicit ``include``
+or ``axis`` override that names such a layer raises instead.
 """
 
 from __future__ import annotations
@@ -34,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _checks
-from jaxprune.masks import default_nm_axis
+from jaxprune import _checks, layouts
+from jaxprune.layouts import path_str
 
-#: Paths excluded by the default rule: token/position embeddings (nnx
+#: Paths excluded by name by the default rule: token/position embeddings (nnx
 #: ``embedding``, linen ``Embed_0``, ``pos_embed``, GPT-2 ``wte``/``wpe``) and
 #: the output head (``head``, ``lm_head``, ``logits``). Case-insensitive.
 DEFAULT_EXCLUDE = r"(?i)embed|logits|(^|/)(lm_)?head(_\d+)?(/|$)|(^|/)(wte|wpe)(/|$)"
@@ -45,40 +52,12 @@ DEFAULT_EXCLUDE = r"(?i)embed|logits|(^|/)(lm_)?head(_\d+)?(/|$)|(^|/)(wte|wpe)(
 DISTRIBUTIONS = ("uniform", "erk")
 OVERRIDE_KEYS = ("sparsity", "axis")
 
-_DROPPED_ATTRS = ("value", "raw_value")
 _MAX_LISTED_PATHS = 20
 
 
 # --------------------------------------------------------------------------- #
 # Paths.
 # --------------------------------------------------------------------------- #
-
-
-def _key_name(key) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-  """'/'-joined names of a ``jax.tree_util`` key path.
-
-  A trailing ``GetAttrKey('value')`` (or ``'raw_value'``), as found on the leaves
-  of ``flax.nnx.State``, is dropped, so that
-  ``(DictKey('blocks'), DictKey(0), DictKey('kernel'), GetAttrKey('value'))``
-  becomes ``'blocks/0/kernel'``.
-  """
-  keys = list(key_path)
-  if (keys and isinstance(keys[-1], jax.tree_util.GetAttrKey)
-      and keys[-1].name in _DROPPED_ATTRS):
-    keys = keys[:-1]
-  return "/".join(_key_name(k) for k in keys)
 
 
 def _flatten(params) -> tuple[list[str], list[Any]]:
@@ -89,14 +68,6 @@ def _flatten(params) -> tuple[list[str], list[Any]]:
 def leaf_paths(params) -> list[str]:
   """:func:`path_str` of every leaf, in ``jax.tree_util.tree_leaves`` order."""
   return _flatten(params)[0]
-
-
-def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape and dtype of an array, ``jax.ShapeDtypeStruct`` or Python scalar."""
-  if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-    return tuple(leaf.shape), leaf.dtype
-  leaf = np.asarray(leaf)
-  return leaf.shape, leaf.dtype
 
 
 def _listing(paths: Sequence[str]) -> str:
@@ -121,7 +92,12 @@ class Override(NamedTuple):
 def _as_regexes(name: str, value) -> tuple[str, ...] | None:
   if value is None:
     return None
-  regexes = (value,) if isinstance(value, str) else tuple(value)
+  if isinstance(value, str):
+    regexes = (value,)
+  elif isinstance(value, Sequence):
+    regexes = tuple(value)
+  else:
+    raise ValueError(f"`{name}` must be a regex string or a sequence of them, got {value!r}.")
   for regex in regexes:
     if not isinstance(regex, str):
       raise ValueError(f"`{name}` must be a regex string or a sequence of them, got {regex!r}.")
@@ -166,6 +142,7 @@ class Selection:
   prune_embeddings: bool = False
   overrides: tuple[tuple[str, Override], ...] = ()
   distribution: str = "uniform"
+  head: str | None = "auto"
 
   def __post_init__(self):
     # Normalise here too, so that `Selection(...)` validates like `select(...)`.
@@ -173,7 +150,12 @@ class Selection:
     set_(self, "include", _as_regexes("include", self.include))
     set_(self, "exclude", _as_regexes("exclude", self.exclude) or ())
     overrides = self.overrides
-    items = overrides.items() if isinstance(overrides, Mapping) else (overrides or ())
+    if isinstance(overrides, Mapping):
+      items = overrides.items()
+    elif isinstance(overrides, Sequence):
+      items = overrides
+    else:
+      raise ValueError(f"`overrides` must be a dict regex -> settings, got {overrides!r}.")
     checked = []
     for regex, settings in items:
       _as_regexes("overrides", regex)
@@ -182,17 +164,13 @@ class Selection:
     if self.distribution not in DISTRIBUTIONS:
       raise ValueError(
           f"`distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
+    if not isinstance(self.prune_embeddings, bool | np.bool_):
+      raise ValueError(f"`prune_embeddings` must be a bool, got {self.prune_embeddings!r}.")
     set_(self, "prune_embeddings", bool(self.prune_embeddings))
-
-  def selects(self, path: str, shape: Sequence[int], dtype) -> bool:
-    """Whether the rule (include/exclude/default) selects a leaf; no error checks."""
-    if any(re.search(r, path) for r in self.exclude):
-      return False
-    if self.include is not None:
-      return any(re.search(r, path) for r in self.include)
-    if not self.prune_embeddings and re.search(DEFAULT_EXCLUDE, path):
-      return False
-    return len(shape) >= 2 and jnp.issubdtype(dtype, jnp.floating)
+    if self.head is not None and self.head != "auto":
+      _as_regexes("head", self.head)
+      if not isinstance(self.head, str):
+        raise ValueError(f"`head` must be 'auto', a regex or None, got {self.head!r}.")
 
   def override(self, path: str) -> Override | None:
     """The first override (in mapping order) whose regex matches ``path``."""
@@ -201,12 +179,33 @@ class Selection:
         return settings
     return None
 
+  def heads(self, infos: Sequence[layouts.LeafInfo]) -> set[str]:
+    """Paths of the output head(s) the default rule leaves out."""
+    if self.head is None or (self.head == "auto" and self.prune_embeddings):
+      return set()
+    if self.head == "auto":
+      return set(layouts.head_paths(infos))
+    return {i.path for i in infos if re.search(self.head, i.path)}
+
+  def chooses(self, info: layouts.LeafInfo, heads: set[str]) -> bool:
+    """Whether the rule (include/exclude/default) selects a leaf; no error checks."""
+    if any(re.search(r, info.path) for r in self.exclude):
+      return False
+    if self.include is not None:
+      return any(re.search(r, info.path) for r in self.include)
+    if info.path in heads:
+      return False
+    if self.prune_embeddings and info.kind == "embedding":
+      return len(info.shape) >= 2 and jnp.issubdtype(info.dtype, jnp.floating)
+    return info.kind == "kernel" and jnp.issubdtype(info.dtype, jnp.floating)
+
 
 def select(
     include: str | Sequence[str] | None = None,
     *,
     exclude: str | Sequence[str] | None = None,
     prune_embeddings: bool = False,
+    head: str | None = "auto",
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     distribution: str = "uniform",
 ) -> Selection:
@@ -215,12 +214,17 @@ def select(
   Args:
     include: regex or sequence of regexes, matched with ``re.search`` against
       each leaf's :func:`path_str`; a leaf is selected when any matches. An
-      explicit ``include`` replaces the default rule entirely (no dtype, ndim or
-      embedding filter). ``None``: the default rule, every floating-point leaf
-      with ``ndim >= 2`` except paths matching :data:`DEFAULT_EXCLUDE`.
+      explicit ``include`` replaces the default rule entirely (no kind, head
+      or embedding filter). ``None``: the default rule, every kernel
+      (:mod:`jaxprune.layouts`; never a bias, norm scale or embedding,
+      whatever its rank) except the output head.
     exclude: regex or sequence of regexes; matching leaves are never selected.
-    prune_embeddings: with the default rule, also select embeddings and the
-      output head (drops :data:`DEFAULT_EXCLUDE`).
+    prune_embeddings: with the default rule, also select embeddings and (with
+      ``head='auto'``) the output head.
+    head: the output head, which the default rule leaves dense: ``'auto'``
+      (kernels named ``head``/``lm_head``/``logits``, else the last layer of
+      the tree; see :func:`jaxprune.layouts.head_paths`), a regex naming it,
+      or ``None`` to prune it like any other kernel.
     overrides: mapping ``regex -> {'sparsity': s, 'axis': a}`` (either key may be
       left out). ``sparsity`` in [0, 1) replaces the distribution's target for
       that leaf; 0 keeps the leaf dense (it is then not pruned at all, N:M
@@ -239,6 +243,7 @@ def select(
       prune_embeddings=prune_embeddings,
       overrides=overrides or (),
       distribution=distribution,
+      head=head,
   )
 
 
@@ -255,49 +260,143 @@ class LeafSpec(NamedTuple):
   axis: int
 
 
-class _Planned(NamedTuple):
+class Skipped(NamedTuple):
+  """A layer the default rule would prune but that stays dense: its ``axis`` cannot be tiled."""
+
+  path: str
+  shape: tuple[int, ...]
+  axis: int
+  reason: str
+
+
+class Planned(NamedTuple):
+  """A selected leaf: its grouping ``axis`` (non-negative) and its override's sparsity."""
+
   path: str
   shape: tuple[int, ...]
   axis: int
   fixed_sparsity: float | None  # From an override, else None.
 
 
-def _plan(selection: Selection, params) -> list[_Planned | None]:
-  """Selected leaves with their axis and override; raises on inconsistent selections."""
-  paths, leaves = _flatten(params)
+def _check_leaf(info: layouts.LeafInfo) -> None:
+  """Raises for an explicitly selected leaf that cannot be pruned."""
+  if info.dtype is not None and jnp.issubdtype(info.dtype, jnp.bool_):
+    raise ValueError(f"bool leaves cannot be pruned: {info.path}; "
+                     "narrow `include` or add it to `exclude`.")
+  if not jnp.issubdtype(info.dtype, jnp.inexact):
+    raise ValueError(f"integer leaves cannot be pruned: {info.path} (dtype {info.dtype}); "
+                     "narrow `include` or add it to `exclude`.")
+  if not info.shape:
+    raise ValueError(f"scalar leaves cannot be pruned: {info.path}; "
+                     "narrow `include` or add it to `exclude`.")
+
+
+def _leaf_axis(info: layouts.LeafInfo, override: Override, axis: int | None) -> int:
+  """The grouping axis of a selected leaf: override, then ``axis``, then its layout."""
+  chosen = override.axis if override.axis is not None else axis
+  if chosen is None:
+    chosen = info.axis
+  if chosen is None:
+    raise ValueError(
+        f"cannot infer the N:M / quantization axis of {info.path} with shape {info.shape} "
+        f"({info.rule}); give it: the transform's `axis=`, or "
+        f"select(overrides={{{info.path!r}: {{'axis': a}}}}) with `a` the innermost axis its "
+        "layer sums over (jaxprune.einsum_axis(spec) computes it for an Einsum kernel).")
+  ndim = len(info.shape)
+  if not -ndim <= chosen < ndim:
+    raise ValueError(f"`axis` {chosen} is out of range for {info.path} with shape "
+                     f"{info.shape}: must be in [{-ndim}, {ndim}).")
+  return chosen % ndim
+
+
+def _check_arrays(infos: Sequence[layouts.LeafInfo]) -> None:
+  bad = [i.path for i in infos if i.dtype is None]
+  if bad:
+    raise ValueError(
+        f"`params` has leaves that are not arrays: {_listing(bad)}. Pass only the arrays, "
+        "e.g. eqx.filter(model, eqx.is_array) for an Equinox model.")
+
+
+def plan_leaves(
+    selection: Selection,
+    params,
+    *,
+    m: int | None = None,
+    axis: int | None = None,
+) -> tuple[list[Planned | None], tuple[Skipped, ...]]:
+  """Selected leaves with their grouping axis, and the layers skipped because ``m`` cannot tile.
+
+  The one place where a selection meets a parameter tree: :func:`resolve`,
+  the pruning transforms and :func:`jaxprune.sparsity_summary` all go
+  through it.
+
+  Args:
+    selection: from :func:`select`.
+    params: parameter tree; leaves may be arrays or ``jax.ShapeDtypeStruct``.
+    m: the size the grouping axis must be a multiple of (the N:M group size),
+      or None. A leaf chosen by the default rule whose axis ``m`` does not
+      divide is skipped (kept dense) and listed; one named by ``include`` or
+      by an ``axis`` override raises.
+    axis: the grouping axis of every leaf without an ``axis`` override (the
+      transform's ``axis=``); None: each leaf's layout (:mod:`jaxprune.layouts`).
+
+  Returns:
+    One :class:`Planned` or None per leaf (``jax.tree.leaves`` order), and the
+    skipped layers. Zero-size leaves are never planned (nothing to prune).
+  """
+  infos = layouts.describe(params)
+  _check_arrays(infos)
+  paths = [i.path for i in infos]
   for regex in selection.include or ():
     if not any(re.search(regex, p) for p in paths):
       raise ValueError(
           f"`include` regex {regex!r} matches no leaf; available paths: {_listing(paths)}.")
-  plan: list[_Planned | None] = []
+  if selection.head not in (None, "auto") and not any(re.search(selection.head, p)
+                                                        for p in paths):
+    raise ValueError(
+        f"`head` regex {selection.head!r} matches no leaf; available paths: {_listing(paths)}.")
+  heads = selection.heads(infos)
+  plan: list[Planned | None] = []
+  skipped: list[Skipped] = []
   used_overrides = set()
-  for path, leaf in zip(paths, leaves, strict=True):
-    shape, dtype = _shape_dtype(leaf)
-    if not selection.selects(path, shape, dtype):
+  for info in infos:
+    if not selection.chooses(info, heads):
       plan.append(None)
       continue
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise ValueError(f"integer leaves cannot be pruned: {path} (dtype {dtype}); "
-                       "narrow `include` or add it to `exclude`.")
-    if not shape:
-      raise ValueError(f"scalar leaves cannot be pruned: {path}; "
-                       "narrow `include` or add it to `exclude`.")
-    used_overrides.update(r for r, _ in selection.overrides if re.search(r, path))
-    override = selection.override(path) or Override()
-    axis = default_nm_axis(len(shape)) if override.axis is None else override.axis
-    if not -len(shape) <= axis < len(shape):
-      raise ValueError(f"`axis` {axis} is out of range for {path} with shape {shape}: "
-                       f"must be in [{-len(shape)}, {len(shape)}).")
-    plan.append(_Planned(path, shape, axis % len(shape), override.sparsity))
+    _check_leaf(info)
+    used_overrides.update(r for r, _ in selection.overrides if re.search(r, info.path))
+    override = selection.override(info.path) or Override()
+    if override.sparsity == 0.0 or math.prod(info.shape) == 0:
+      plan.append(None if math.prod(info.shape) == 0 else Planned(
+          info.path, info.shape, 0, 0.0))
+      continue
+    leaf_axis = _leaf_axis(info, override, axis)
+    size = info.shape[leaf_axis]
+    if m is not None and size % m:
+      if selection.include is not None or override.axis is not None:
+        raise ValueError(
+            f"{info.path}: size {size} of axis {leaf_axis} (shape {info.shape}) is not "
+            f"divisible by m={m}; set another `axis` or override its sparsity to 0 to keep "
+            "it dense.")
+      skipped.append(Skipped(info.path, info.shape, leaf_axis,
+                             f"m={m} does not divide size {size} of axis {leaf_axis}"))
+      plan.append(None)
+      continue
+    plan.append(Planned(info.path, info.shape, leaf_axis, override.sparsity))
   if all(p is None for p in plan):
+    if skipped:
+      raise ValueError(
+          f"every selected layer is skipped because its grouping axis cannot be tiled: "
+          f"{_listing([f'{s.path} {s.shape}: {s.reason}' for s in skipped])}; give an "
+          "`axis` that m divides, or select other layers.")
     raise ValueError(f"the selection selects no leaf ({selection}); "
                      f"available paths: {_listing(paths)}.")
-  selected = [p.path for p in plan if p is not None]
+  selected = [p.path for p in plan if p is not None] + [s.path for s in skipped]
   for regex, _ in selection.overrides:
     if regex not in used_overrides:
       raise ValueError(f"`overrides` regex {regex!r} matches no selected leaf; "
                        f"selected paths: {_listing(selected)}.")
-  return plan
+  return plan, tuple(skipped)
 
 
 def resolve(
@@ -306,6 +405,7 @@ def resolve(
     sparsity: float,
     *,
     m: int | None = None,
+    axis: int | None = None,
 ) -> list[LeafSpec | None]:
   """Per-leaf pruning specs for ``params`` at global target ``sparsity``.
 
@@ -319,8 +419,11 @@ def resolve(
     selection: from :func:`select`.
     params: parameter tree; leaves may be arrays or ``jax.ShapeDtypeStruct``.
     sparsity: global target in [0, 1).
-    m: if given, the N:M group size; every pruned leaf must have
-      ``shape[axis] % m == 0``.
+    m: if given, the N:M group size: layers of the default rule whose grouping
+      axis it does not divide are skipped (``None``, see :func:`plan_leaves`);
+      explicitly named ones raise.
+    axis: the grouping axis of leaves without an ``axis`` override; None:
+      each leaf's layout.
 
   Returns:
     One entry per leaf in ``jax.tree_util.tree_leaves(params)`` order:
@@ -330,7 +433,15 @@ def resolve(
   sparsity = float(sparsity)
   if m is not None:
     m = _checks.check_int("m", m, minimum=1)
-  plan = _plan(selection, params)
+  if axis is not None:
+    axis = _checks.check_int("axis", axis)
+  plan, _ = plan_leaves(selection, params, m=m, axis=axis)
+  return specs_of(selection, plan, sparsity)
+
+
+def specs_of(selection: Selection, plan: Sequence[Planned | None],
+             sparsity: float) -> list[LeafSpec | None]:
+  """Each planned leaf's :class:`LeafSpec` at global target ``sparsity`` (:func:`resolve`)."""
   chosen = {str(i): p for i, p in enumerate(plan) if p is not None}
   targets = {k: p.fixed_sparsity for k, p in chosen.items() if p.fixed_sparsity is not None}
   free = {k: p.shape for k, p in chosen.items() if p.fixed_sparsity is None}
@@ -341,13 +452,8 @@ def resolve(
     targets.update({k: sparsity for k in free})
   specs: list[LeafSpec | None] = [None] * len(plan)
   for k, p in chosen.items():
-    if p.fixed_sparsity == 0.0:
-      continue
-    if m is not None and p.shape[p.axis] % m:
-      raise ValueError(f"{p.path}: size {p.shape[p.axis]} of axis {p.axis} (shape {p.shape}) "
-                       f"is not divisible by m={m}; set another `axis` or override "
-                       "its sparsity to 0 to keep it dense.")
-    specs[int(k)] = LeafSpec(p.path, targets[k], p.axis)
+    if p.fixed_sparsity != 0.0:
+      specs[int(k)] = LeafSpec(p.path, targets[k], p.axis)
   return specs
 
 

@@ -92,13 +92,15 @@ def test_nm_pruning_plain_optax_loop_invariants():
   params = dict_params()
 
   def check(t, p, state):
-    for name in ("dense_0", "dense_1"):
-      assert_nm(p[name]["kernel"], 2, 4, axis=0)
-      mask = np.asarray(state.masks[name]["kernel"])
-      assert (mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2).all()  # exactly n kept
+    assert_nm(p["dense_0"]["kernel"], 2, 4, axis=0)
+    mask = np.asarray(state.masks["dense_0"]["kernel"])
+    assert (mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2).all()  # exactly n kept
     assert_masked_exactly_zero(p, state.masks)
-    # Non-selected leaves: scalar True masks, values still moving.
+    # Non-selected leaves: scalar True masks, values still moving. dense_1 is the output
+    # head (the last layer), which the default selection leaves dense.
     assert state.masks["dense_0"]["bias"].shape == ()
+    assert state.masks["dense_1"]["kernel"].shape == ()
+    assert (np.asarray(p["dense_1"]["kernel"]) != 0).all()
     assert (np.asarray(p["dense_0"]["bias"]) != 0.1).any()
 
   _, state, losses = run_optax_loop(jaxprune.nm_pruning(optax.adam(1e-2), 2, 4), params, 30, check)
@@ -146,8 +148,9 @@ def test_nm_pruning_nnx_optimizer_invariants():
   losses = []
   for _ in range(25):
     losses.append(float(step(model, optimizer)))
-    for layer in (model.inp, model.hidden, model.out):
+    for layer in (model.inp, model.hidden):
       assert_nm(layer.kernel[...], 2, 4, axis=0)
+    assert (np.asarray(model.out.kernel[...]) != 0).all()  # the output head stays dense
     assert (np.asarray(model.inp.bias[...]) != 0).any()
     assert (np.asarray(model.norm.scale[...]) != 0).all()
   summary = jaxprune.sparsity_summary(nnx.state(model, nnx.Param), nm=(2, 4))
@@ -159,7 +162,8 @@ def test_nm_pruning_axis_and_overrides():
   params = {"a": {"kernel": jnp.arange(1.0, 65.0).reshape(8, 8)},
             "b": {"kernel": jnp.arange(1.0, 25.0).reshape(4, 6)}}
   # 'b' cannot be grouped by 4 along axis 1 (size 6): an override moves it to axis 0.
-  select = jaxprune.select(overrides={"b": {"axis": 0}})
+  # head=None: 'b', the last layer, is pruned too.
+  select = jaxprune.select(head=None, overrides={"b": {"axis": 0}})
   tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4, axis=1, select=select)
   state = tx.init(params)
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
@@ -181,7 +185,7 @@ def test_gmp_follows_schedule_exactly_and_learns():
 
   def check(t, p, state):
     assert_masked_exactly_zero(p, state.masks)
-    for name in ("dense_0", "dense_1"):
+    for name in ("dense_0",):
       kernel = np.asarray(p[name]["kernel"])
       pruned = int((~np.asarray(state.masks[name]["kernel"])).sum())
       # The realised count is the schedule's value in force, rounded per layer.
@@ -193,8 +197,8 @@ def test_gmp_follows_schedule_exactly_and_learns():
 
   params, _, losses = run_optax_loop(
       jaxprune.magnitude_pruning(optax.adam(1e-2), schedule), params, 60, check)
-  for name, size in (("dense_0", 512), ("dense_1", 128)):
-    assert int((np.asarray(params[name]["kernel"]) == 0).sum()) == round(0.8 * size)
+  assert int((np.asarray(params["dense_0"]["kernel"]) == 0).sum()) == round(0.8 * 512)
+  assert int((np.asarray(params["dense_1"]["kernel"]) == 0).sum()) == 0  # the head
   assert np.mean(losses[-5:]) < 0.5 * losses[0]
 
 
@@ -211,7 +215,8 @@ def test_gmp_erk_and_overrides_hit_each_layer_target():
   params = {"wide": {"kernel": jnp.ones((64, 64)) + jnp.arange(4096.0).reshape(64, 64) * 1e-3},
             "narrow": {"kernel": jnp.ones((64, 8)) + jnp.arange(512.0).reshape(64, 8) * 1e-3},
             "fixed": {"kernel": jnp.ones((16, 16)) + jnp.arange(256.0).reshape(16, 16) * 1e-3}}
-  select = jaxprune.select(distribution="erk", overrides={"fixed": {"sparsity": 0.25}})
+  select = jaxprune.select(distribution="erk", head=None,
+                           overrides={"fixed": {"sparsity": 0.25}})
   schedule = jaxprune.polynomial_schedule(0.0, 0.7, 0, 10, frequency=2)
   tx = jaxprune.magnitude_pruning(optax.sgd(1e-3), schedule, select=select)
   state = tx.init(params)
@@ -230,7 +235,8 @@ def test_gmp_erk_and_overrides_hit_each_layer_target():
 def test_global_scope_one_threshold():
   params = {"big": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4) * 10},
             "small": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}}
-  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global")
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global",
+                                  select=jaxprune.select(head=None))
   state = tx.init(params)
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
@@ -335,7 +341,8 @@ def test_masks_tree_maps_with_params_and_checkpoints(tmp_path):
 @pytest.mark.parametrize("make, match", [
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 5, 4), r"`n` must be in \[1, m\]"),
     (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 0, 4), r"`n` must be >= 1"),
-    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1), r"`step` must be >= 0"),
+    (lambda: jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, prune_step=-1),
+     r"`prune_step` must be >= 0"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 1.0), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), -0.2), r"`sparsity` must be in \[0, 1\)"),
     (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, scope="net"), r"`scope` must be"),
@@ -356,7 +363,9 @@ def test_construction_errors(make, match):
 
 @pytest.mark.parametrize("tx, params, match", [
     (jaxprune.nm_pruning(optax.sgd(1.0), 2, 4), {"w": jnp.ones((6, 8))},
-     r"`m` = 4 must divide the size 6 of axis 0 of w"),
+     r"every selected layer is skipped.*'w \(6, 8\): m=4 does not divide size 6 of axis 0'"),
+    (jaxprune.nm_pruning(optax.sgd(1.0), 2, 4, select="w"), {"w": jnp.ones((6, 8))},
+     r"w: size 6 of axis 0 \(shape \(6, 8\)\) is not divisible by m=4"),
     (jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="attention"),
      {"w": jnp.ones((4, 4))}, r"`include` regex 'attention' matches no leaf"),
     (jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="w|step"),
@@ -378,7 +387,7 @@ def test_update_with_a_different_tree_is_an_error():
   other = {"w": jnp.ones((8, 4)), "extra": jnp.ones((4, 4))}
   with pytest.raises(ValueError, match="`updates` does not have the tree structure"):
     tx.update(other, state, other)
-  with pytest.raises(ValueError, match=r"`updates` has a leaf of shape \(4, 4\)"):
+  with pytest.raises(ValueError, match=r"`updates` leaf 'w' has shape \(4, 4\) where `init`"):
     tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
   with pytest.raises(ValueError, match="`update` needs `params`"):
     tx.update(params, state)
@@ -390,7 +399,7 @@ def test_exact_counts_on_many_layers():
   params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)}
             for i, s in enumerate(shapes)}
   schedule = jaxprune.polynomial_schedule(0.1, 0.55, 0, 6, frequency=3)
-  tx = jaxprune.magnitude_pruning(optax.sgd(1e-2), schedule)
+  tx = jaxprune.magnitude_pruning(optax.sgd(1e-2), schedule, select=jaxprune.select(head=None))
   state = tx.init(params)
   update = jax.jit(tx.update)
   for _ in range(7):
@@ -398,3 +407,144 @@ def test_exact_counts_on_many_layers():
     params = optax.apply_updates(params, updates)
   for i, s in enumerate(shapes):
     assert int((params[f"l{i}"]["kernel"] == 0).sum()) == round(0.55 * math.prod(s))
+
+
+# ----------------------------------------------------------------------------
+# Non-finite weights, out-of-range sparsity, changed shapes: counted or refused.
+
+
+def one_step(tx, params, grads=None, state=None):
+  state = tx.init(params) if state is None else state
+  grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def test_magnitude_pruning_with_nan_and_inf_weights():
+  w = jnp.arange(1.0, 17.0).reshape(4, 4).at[0, 1].set(jnp.nan).at[2, 3].set(-jnp.inf)
+  params = {"w": w, "head": jnp.ones((4, 2))}
+  new, state = one_step(jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5), params)
+  pruned = ~np.asarray(state.masks["w"])
+  # Non-finite scores rank as the largest: the 8 smallest finite weights (1..9 without the
+  # NaN's 2) are pruned, each to exactly +0.0; the NaN and -inf are kept as they are.
+  np.testing.assert_array_equal(np.flatnonzero(pruned), [0, 2, 3, 4, 5, 6, 7, 8])
+  assert (np.asarray(new["w"])[pruned] == 0).all() and not np.signbit(new["w"][pruned]).any()
+  assert np.isnan(new["w"][0, 1]) and new["w"][2, 3] == -np.inf
+  assert jaxprune.check(state, new).ok
+  # A NaN that appears at a pruned entry cannot be landed on 0 (NaN + u is NaN): counted.
+  bad = {"w": new["w"].at[0, 0].set(jnp.nan), "head": new["head"]}
+  later, state = one_step(jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5), bad, state=state)
+  report = jaxprune.check(state, later)
+  assert report.violations == 1 and report.nonfinite_pruned == 1
+  assert "NaN or inf" in str(report)
+  assert (np.asarray(later["w"])[pruned][1:] == 0).all()  # the finite ones still land on 0
+
+
+def test_nm_pruning_with_infinite_groups():
+  # Groups along axis 0 (the input axis); column 0 is [inf, inf, inf, 1].
+  w = jnp.array([[jnp.inf, 1.0], [jnp.inf, 4.0], [jnp.inf, 2.0], [1.0, 3.0]])
+  params = {"w": w, "head": jnp.ones((2, 2))}
+  tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4)
+  new, state = one_step(tx, params)
+  kept = np.asarray(state.masks["w"])
+  np.testing.assert_array_equal(kept, [[True, False], [True, True], [False, False],
+                                       [False, True]])
+  # The pruned finite weights land on exactly 0; the pruned inf cannot (inf - inf is NaN).
+  assert new["w"][3, 0] == 0 and new["w"][0, 1] == 0 and new["w"][2, 1] == 0
+  assert np.isnan(new["w"][2, 0])
+  report = jaxprune.check(state, new)
+  assert report.nonfinite_pruned == 1 and report.pruned_nonzero == 1 and not report.ok
+  _, state = one_step(tx, new, state=state)
+  assert int(state.violations) == 1
+
+
+def test_traced_sparsity_out_of_range_is_clipped_and_counted():
+  params = {"a": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)},
+            "b": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2)}}
+  select = jaxprune.select(head=None)
+  values = {"1.0": 1.0, "nan": jnp.nan}  # 1.5 and -0.5 clip the same ways (see inject below)
+  for name, value in values.items():
+    def schedule(step, v=value):
+      return jnp.where(step >= 0, jnp.float32(v), 0.0)  # traced inside update
+
+    tx = jaxprune.magnitude_pruning(optax.sgd(0.0), schedule, select=select)
+    new, state = one_step(tx, params)
+    assert int(state.clipped) == 1, name
+    zeros = [int((x == 0).sum()) for x in jax.tree.leaves(new)]
+    # >= 1 keeps one weight per layer; NaN and negative values prune nothing.
+    assert zeros == ([15, 7] if name in ("1.5", "1.0") else [0, 0]), name
+    assert "clipped" in str(jaxprune.check(state))
+
+
+def test_inject_hyperparams_sparsity_out_of_range_is_clipped():
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = optax.inject_hyperparams(jaxprune.magnitude_pruning)(inner=optax.sgd(0.0), sparsity=0.5)
+  state = tx.init(params)
+  state.hyperparams["sparsity"] = jnp.asarray(1.5)
+  new, state = one_step(tx, params, state=state)
+  assert int(jaxprune.check(state).clipped_steps) == 1
+  assert int((new["w"] == 0).sum()) == 15
+
+
+def test_python_schedule_value_out_of_range_raises():
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), lambda step: 1.5)
+  with pytest.raises(ValueError, match=r"returned 1.5.*`sparsity` must be in \[0, 1\)"):
+    tx.init({"w": jnp.ones((4, 4))})
+
+
+def test_unselected_leaf_that_changes_shape():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones((8,))}
+  tx = jaxprune.magnitude_pruning(optax.adam(1e-2), 0.5)
+  state = tx.init(params)
+  other = {"w": jnp.ones((8, 4)), "b": jnp.ones((1,))}
+  with pytest.raises(ValueError, match=r"`params` leaf 'b' has shape \(1,\).*\(8,\)"):
+    jax.jit(tx.update)(other, state, other)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), "0.5"), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), None), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), [0.5]), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), np.array([0.5, 0.5])),
+     r"`sparsity` must be a number"),
+    (lambda: jaxprune.saliency_pruning(optax.sgd(1.0), True), r"`sparsity` must be a number"),
+    (lambda: jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select=123),
+     r"`select` must be None, a jaxprune.select"),
+    (lambda: jaxprune.select(123), r"`include` must be a regex"),
+    (lambda: jaxprune.magnitude_pruning(optax.adam, 0.5), r"`inner`.*got the function.*call it"),
+    (lambda: jaxprune.nm_pruning(optax.adamw), r"call it to build the optimizer, e.g. `adamw"),
+    (lambda: jaxprune.random_pruning(42, 0.5), r"`inner` must be an optax.GradientTrans"),
+])
+def test_bad_input_names_the_parameter(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_bool_leaf_named_bool():
+  tx = jaxprune.magnitude_pruning(optax.sgd(1.0), 0.5, select="w|flag")
+  with pytest.raises(ValueError, match="bool leaves cannot be pruned: flag"):
+    tx.init({"w": jnp.ones((4, 4)), "flag": jnp.ones((4, 4), bool)})
+
+
+def test_summary_axis_argument_checks_the_axis_pruned_along():
+  params = {"a": jax.random.normal(jax.random.key(0), (4, 8)),
+            "b": jax.random.normal(jax.random.key(1), (4, 8))}
+  tx = jaxprune.nm_pruning(optax.sgd(0.0), 2, 4, axis=1, select=jaxprune.select(head=None))
+  new, state = one_step(tx, params)
+  assert jaxprune.sparsity_summary(new, nm=(2, 4), axis=1).nm_ok is True
+  assert jaxprune.sparsity_summary(new, nm=(2, 4), opt_state=state).nm_ok is False  # axis 0
+
+
+def test_global_normalized_scope_with_a_nan_layer():
+  # One NaN in `a` must not make all of `a` rank above `b` (which would prune all of `b`).
+  a = jnp.arange(1.0, 17.0).reshape(4, 4).at[0, 0].set(jnp.nan)
+  b = jnp.arange(1.0, 17.0).reshape(4, 4)
+  params = {"a": a, "b": b}
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.0), 0.5, scope="global", normalize=True,
+                                  select=jaxprune.select(head=None))
+  new, state = one_step(tx, params)
+  # Finite norms: |a| = sqrt(1495) < |b| = sqrt(1496), so a's k scores just above b's k. The
+  # 16 smallest are b's 1, then b's and a's 2..8, then b's 9: 9 from b, 7 from a, NaN kept.
+  assert int((new["b"] == 0).sum()) == 9 and int((new["a"] == 0).sum()) == 7
+  assert np.isnan(new["a"][0, 0])
+  assert jaxprune.check(state, new).ok

@@ -48,16 +48,20 @@ def test_summary_counts_and_nm():
   params = {"params": {
       "Dense_0": {"kernel": k, "bias": np.array([1.0, 0.0], np.float32)},
       "Dense_1": {"kernel": bad},
+      "Dense_2": {"kernel": np.ones((8, 2), np.float32)},  # The output head: dense.
       "step": np.int32(3),  # Scalar: no row.
   }}
   s = sparsity_summary(params, nm=(2, 4))
   rows = {r.path: r for r in s.rows}
-  assert list(rows) == ["params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/kernel"]
-  assert rows["params/Dense_0/kernel"][1:] == ((8, 2), 16, 8, 0.5, True, True)
-  assert rows["params/Dense_1/kernel"][1:] == ((8, 2), 16, 9, 7 / 16, False, True)
-  assert rows["params/Dense_0/bias"][1:] == ((2,), 2, 1, 0.5, None, False)
-  assert (s.total_size, s.total_nnz) == (34, 18)
-  assert s.total_sparsity == pytest.approx(16 / 34)
+  assert list(rows) == ["params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/kernel",
+                        "params/Dense_2/kernel"]
+  assert rows["params/Dense_0/kernel"][1:] == ((8, 2), 16, 8, 0.5, True, True, "")
+  assert rows["params/Dense_1/kernel"][1:] == ((8, 2), 16, 9, 7 / 16, False, True, "")
+  assert rows["params/Dense_0/bias"][1:] == ((2,), 2, 1, 0.5, None, False, "")
+  # The head is listed, not pruned and not checked.
+  assert rows["params/Dense_2/kernel"][1:] == ((8, 2), 16, 16, 0.0, None, False, "head")
+  assert (s.total_size, s.total_nnz) == (50, 34)
+  assert s.total_sparsity == pytest.approx(16 / 50)
   assert (s.prunable_size, s.prunable_nnz) == (32, 17)
   assert s.prunable_sparsity == pytest.approx(15 / 32)
   assert s.nm_ok is False
@@ -112,7 +116,7 @@ def test_table_and_as_dict():
   d = json.loads(json.dumps(s.as_dict()))
   assert d["total_nnz"] == 10 and d["prunable_sparsity"] == 0.5 and d["nm"] == [2, 4]
   assert d["rows"][1] == {"path": "layer/kernel", "shape": [8, 2], "size": 16, "nnz": 8,
-                          "sparsity": 0.5, "nm_ok": True, "selected": True}
+                          "sparsity": 0.5, "nm_ok": True, "selected": True, "note": ""}
 
 
 def test_nm_argument_checked():

@@ -228,7 +228,7 @@ def test_integer_leaf_error():
   params = {"w": f32(4, 4), "step": np.zeros((4, 4), np.int32), "flag": np.zeros(3, bool)}
   with pytest.raises(ValueError, match="integer leaves cannot be pruned: step"):
     sel.resolve(sel.select("w|step"), params, 0.5)
-  with pytest.raises(ValueError, match="integer leaves cannot be pruned: flag"):
+  with pytest.raises(ValueError, match="bool leaves cannot be pruned: flag"):
     sel.resolve(sel.select("flag"), params, 0.5)
   # The default rule skips them silently.
   assert specs_by_path(sel.resolve(sel.select(), params, 0.5)).keys() == {"w"}
@@ -334,12 +334,13 @@ def test_erk_fixed_errors():
 def test_resolve_erk_with_override():
   params = {"a": f32(64, 64), "b": f32(32, 64), "c": f32(16, 16)}
   shapes = {"a": (64, 64), "b": (32, 64), "c": (16, 16)}
-  out = specs_by_path(sel.resolve(sel.select(distribution="erk"), params, 0.5))
+  # head=None: 'c', the last layer, would otherwise be left dense as the output head.
+  out = specs_by_path(sel.resolve(sel.select(distribution="erk", head=None), params, 0.5))
   assert {k: v.sparsity for k, v in out.items()} == pytest.approx(
       sel.erk_sparsities(shapes, 0.5))
   # As rigl: an overridden leaf keeps its target and is outside the ERK budget,
   # which the other leaves share.
-  selection = sel.select(distribution="erk", overrides={"c": {"sparsity": 0.25}})
+  selection = sel.select(distribution="erk", head=None, overrides={"c": {"sparsity": 0.25}})
   out = sel.resolve(selection, params, 0.5)
   expected = sel.erk_sparsities({"a": (64, 64), "b": (32, 64)}, 0.5)
   assert [s.sparsity for s in out[:2]] == pytest.approx([expected["a"], expected["b"]])
