@@ -35,6 +35,7 @@ Conventions shared by all masks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -156,6 +157,11 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
   """
   n, m = _checks.check_nm(n, m)
   axis = check_nm_axis(jnp.shape(scores), m, _checks.check_int("axis", axis))
+  return _nm_mask(scores, n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_mask(scores: Array, n: int, m: int, axis: int) -> Array:
   s = select_k.compare_key(scores)
   shape = s.shape
   groups = s.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])

@@ -58,6 +58,7 @@ device-to-host synchronisation). The default per backend is
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -386,15 +387,20 @@ def bottom_k(scores: Sequence[Array], k, method: str | None = None) -> list[Arra
   ``k`` is a Python or traced integer in ``[0, total size]``; ties prune
   later leaves and higher flat indices first. ``method``: one of
   :data:`METHODS`, or ``None`` for :data:`DEFAULT_METHOD` of this backend.
+  Jitted (one compilation per shapes and method, whatever ``k``), so eager
+  calls do not dispatch each of its small steps.
   """
-  method = check_method(method)
+  return _bottom_k(list(scores), jnp.asarray(k, jnp.int32), check_method(method))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _bottom_k(scores: list[Array], k: Array, method: str) -> list[Array]:
   shapes = [jnp.shape(s) for s in scores]
   live = [i for i, shape in enumerate(shapes) if math.prod(shape) > 0]
   out = [jnp.ones(shape, bool) for shape in shapes]
   if not live:
     return out
   keys = [compare_key(scores[i]) for i in live]
-  k = jnp.asarray(k, jnp.int32)
   if method == "sort":
     t, cuts = _sort_cuts(keys, k)
   else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import jax
@@ -58,6 +59,39 @@ def median_time(fn, *args, repeats: int = 20, budget_s: float = 5.0) -> float:
   return sorted(times)[len(times) // 2]
 
 
+_NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all",
+                "partition-id", "replica-id"}
+
+
+def kernel_count(jitted, *args) -> int:
+  """About how many kernels one call launches: the instructions of the compiled entry
+  computation, less the free ones, looking into calls (GPU command buffers) and the
+  largest branch of a conditional."""
+  computations, name = {}, None
+  for line in jitted.lower(*args).compile().as_text().splitlines():
+    head = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head and "=" not in line.split("{")[0]:
+      name = "ENTRY" if head.group(1) else head.group(2)
+      computations[name] = []
+    elif name and re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line):
+      computations[name].append(line)
+
+  def count(comp: str) -> int:
+    total = 0
+    for line in computations.get(comp, []):
+      op = re.search(r"= (?:\([^=]*\)|\S+) ([\w\-]+)\(", line)
+      op = op.group(1) if op else ""
+      callees = re.findall(r"(?:to_apply|branch_computations|body|true_computation|"
+                           r"false_computation)=\{?%?([\w.\-, %]+)\}?", line)
+      names = [c.strip(" %") for group in callees for c in group.split(",")]
+      if op in ("call", "while", "conditional"):
+        total += (op != "call") + max((count(c) for c in names), default=0)
+      elif op not in _NOT_KERNELS:
+        total += 1
+    return total
+  return count("ENTRY")
+
+
 def bench_masks(repeats: int, methods: list[str]) -> None:
   print(f"\n== masks on {device_line()}")
   print("   median time, and in elementwise passes (jnp.abs(x) * 2) over the same tensors")
@@ -73,7 +107,8 @@ def bench_masks(repeats: int, methods: list[str]) -> None:
   one_pass = median_time(jax.jit(lambda xs: [jnp.abs(x) * 2 for x in xs]), xs, repeats=repeats)
   print(f"elementwise pass 4 x 1024x1024   {one_pass * 1e3:9.2f} ms")
   print("unstructured 80% of 4 x 1024x1024, one row per exact method (all give the same masks):")
-  print(f"{'method':<22}{'per layer':>22}{'global':>22}{'per layer, tied':>22}")
+  print(f"{'method':<22}{'per layer':>22}{'global':>22}{'per layer, tied':>22}"
+        f"{'kernels (layer, global)':>26}")
 
   def cell(seconds):
     return f"{seconds * 1e3:9.2f} ms {seconds / one_pass:6.2f} p"
@@ -87,10 +122,32 @@ def bench_masks(repeats: int, methods: list[str]) -> None:
         [jnp.abs(x) for x in xs], 0.8, method=m))
     times = [median_time(f, a, repeats=repeats) for f, a in
              [(layer, xs), (glob, xs), (layer, ties)]]
-    print(f"{name:<22}" + "".join(f"{cell(t):>22}" for t in times))
+    kernels = f"~{kernel_count(layer, xs)}, ~{kernel_count(glob, xs)}"
+    print(f"{name:<22}" + "".join(f"{cell(t):>22}" for t in times) + f"{kernels:>26}")
   full_sort = median_time(jax.jit(lambda xs: [jnp.argsort(jnp.abs(x).ravel()) for x in xs]), xs,
                           repeats=max(3, repeats // 4))
   print(f"{'full argsort (ref.)':<22}{cell(full_sort):>22}")
+  bench_mask_components(xs, repeats, cell)
+
+
+def bench_mask_components(xs, repeats: int, cell) -> None:
+  """The building blocks of the methods, on the same four tensors, to explain their rows."""
+  print("building blocks (each on all four tensors):")
+  keys = lambda xs: [select_k.compare_key(jnp.abs(x)) for x in xs]  # noqa: E731
+  pivots = jnp.sort(select_k.compare_key(xs[0].reshape(-1)[:15]))
+  rank = jnp.int32(int(0.8 * xs[0].size))
+  parts = {
+      "count 15 pivots <, <=": lambda xs: [
+          (select_k._count_below([k], pivots), select_k._count_below([k], pivots, True))
+          for k in keys(xs)],
+      "scatter 65536 bins": lambda xs: [
+          select_k._histogram((select_k._radix(k) >> 16).astype(jnp.int32)) for k in keys(xs)],
+      "sample + 15 pivots": lambda xs: [select_k.sample_pivots([k], rank) for k in keys(xs)],
+      "tie blocks + cut": lambda xs: select_k._tie_cuts(keys(xs), pivots[7], rank, rank + 9, None),
+      "mask pass (key, t, cut)": lambda xs: [(k > pivots[7]) | (k == pivots[7]) for k in keys(xs)],
+  }
+  for name, fn in parts.items():
+    print(f"  {name:<20}{cell(median_time(jax.jit(fn), xs, repeats=repeats)):>22}")
 
 
 def dense_stack(key, width: int, depth: int):

@@ -256,7 +256,7 @@ def test_magnitude_mask_sparsity_range(sparsity):
 _global = jax.jit(jaxprune.global_magnitude_masks)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(hnp.arrays(np.float32, st.sampled_from([(4, 5), (600,)]),
                            elements=tied_floats), min_size=1, max_size=3),
        st.floats(0.0, 0.999))
