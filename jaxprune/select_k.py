@@ -14,46 +14,54 @@ backend; they differ only in speed.
 
 Each method finds the threshold key ``t`` (the k-th smallest) and the count
 ``below = #{key < t}``; a tie pass then finds where the ties at ``t`` are
-cut. Costs, for 80% of four 1024x1024 float32 tensors, in elementwise passes
-(one pass = one jitted ``jnp.abs(x) * 2``; ``scripts/bench.py --only masks``
-measures them):
+cut, and one elementwise pass writes the mask. ``scripts/bench.py --only
+masks`` times every method on the backend at hand, in elementwise passes
+(one pass = one jitted ``jnp.abs(x) * 2`` over the same tensors), and prints
+about how many kernels each launches. The cost model, for ``n`` keys:
 
 * ``'radix'``: two-round 16-bit radix select. Round 1 scatter-adds every
   key's top 16 bits into a 65,536-bin histogram, round 2 the low 16 bits of
-  the keys in the chosen bin; a prefix sum finds the bin. Ties that are
-  only partly pruned are located by a histogram of their flat indices,
-  behind a ``lax.cond`` (skipped for distinct scores). XLA:CPU scatters are
-  serial loops without contention: the fastest method on CPU. On a GPU each
-  update is a global atomic add, serialised when many keys share a bin
-  (heavily tied scores: all of them).
+  the keys in the chosen bin; prefix sums find the bins. Ties that are only
+  partly pruned are located by a histogram of their flat indices, behind a
+  ``lax.cond`` (skipped for distinct scores). Two read passes with ``n``
+  scatter updates each. XLA:CPU scatters are serial loops without
+  contention: the fastest method on CPU. On a GPU every update is a global
+  atomic add, serialised when many keys share a bin (the top 16 bits of
+  ``|w|`` take a few hundred values; heavily tied scores, a handful).
 * ``'sort'``: one stable key-value sort of the reversed keys with their
-  positions (``lax.sort``) gives the k-th entry of the pruning order
-  directly, then one elementwise pass. On a GPU an int32 key-value sort is
-  CUB's radix sort: about eight read-and-write passes, whatever the data.
-  A CPU sort is ~100x slower than the others.
+  positions (``lax.sort``, int32 keys and a plain ``<``, which XLA:GPU can
+  hand to CUB's radix sort) gives the k-th entry of the pruning order
+  directly. About eight read-and-write passes of ``8n`` bytes in a few
+  kernels, whatever the data; no tie pass. On a CPU, hundreds of passes.
 * ``'bisect'``: multi-way bisection with reductions only, no scatter and no
-  sort. Each round compares every key with ``2**bits - 1`` pivots that split
-  the current interval of keys evenly and counts (one fused reduction per
-  round, ``32 / bits`` rounds: 8 of 15 pivots or 4 of 255). Its cost does not
-  depend on the data (ties cost the same as distinct scores), but every round
-  reads all keys, and with 255 pivots the comparisons, not the memory, bound
-  a round. Meant for TPUs, where scatters and sorts are slow.
-* ``'sample'``: a sampled threshold with an exact fix-up. A strided, jittered
-  sample of 4,096 keys is sorted; 15 pivots spanning +-5 standard deviations
-  of the k-th key's rank in the sample are counted in one fused reduction
-  (``#{key < p}``, ``#{key <= p}``). Either a pivot *is* the k-th key (always,
-  for heavily tied scores) or the k-th key lies strictly between two
-  adjacent pivots, in a band of about 0.1% of the entries; the radix select
-  above then runs on that band only, so only its entries scatter (a few
-  thousand atomics instead of millions). Three read passes, a tie pass and
-  the mask pass, plus a handful of small kernels: the candidate for GPUs.
-  The result never depends on the sample: a poor sample widens the band
-  (slower), it cannot change the mask.
+  sort. Each round compares every key with the ``2**bits - 1`` pivots that
+  split the current interval of keys evenly and counts in one fused
+  reduction; ``32 / bits`` rounds (``bits = 4``: 8 rounds of 15 pivots).
+  Data-independent cost (ties cost the same as distinct scores): 8 read
+  passes and 8 small kernels, then the tie pass. 255 pivots would halve the
+  rounds but make each one bound by its ``255 n`` comparisons. Meant for
+  TPUs, where scatters and sorts are slow.
+* ``'sample'``: a sampled threshold with an exact fix-up. A stratified,
+  jittered sample of 4,096 keys is sorted; 15 of its keys spanning +-5
+  standard deviations of the k-th key's rank in the sample are counted in
+  one fused reduction (``#{key < p}``, ``#{key <= p}``). Either a pivot *is*
+  the k-th key (always, for heavily tied scores) or the k-th key lies
+  strictly between two adjacent pivots, in a band of about ``0.7 sqrt(q (1 -
+  q) / 4096)`` of the keys (0.45% for ``q = 80%``); the radix select above
+  then runs on that band only, so only the band's keys scatter (thousands
+  of atomics, not millions, spread over the bins). Three read passes, the
+  tie pass and the mask pass, plus about twenty small kernels (sample sort,
+  prefix sums over 65,536 bins): the candidate for GPUs. The mask never
+  depends on the sample: a poor sample widens the band (slower); it cannot
+  change the mask.
 
 ``bisect`` and ``sample`` locate the cut in the ties by reductions over
-blocks of 1,024 entries (no scatter, no ``cond``, which on a GPU costs a
-device-to-host synchronisation). The default per backend is
-:data:`DEFAULT_METHOD`, read at trace time from ``jax.default_backend()``.
+blocks of 1,024 entries (one read pass and a few small kernels; no scatter
+and no ``cond``, which on a GPU costs a device-to-host synchronisation).
+On a GPU, where each kernel launch costs about as much as a read pass over
+4 MB, the kernel count matters as much as the passes. The default per
+backend is :data:`DEFAULT_METHOD`, read at trace time from
+``jax.default_backend()``.
 """
 
 from __future__ import annotations
