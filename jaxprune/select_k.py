@@ -78,10 +78,11 @@ Array = jax.Array
 
 METHODS = ("radix", "sort", "bisect", "sample")
 
-# The default method per backend (``jax.default_backend()``); edit after
-# measuring with ``python scripts/bench.py --only masks`` on the device.
-# cpu: measured (radix ~10 passes, bisect ~25, sample ~30, sort ~900).
-# gpu, tpu: not yet measured; chosen by the cost model in the module docstring.
+# The default method per backend (``jax.default_backend()``). Every method gives
+# the same masks, so this table only decides speed: set each entry to the fastest
+# row of ``python scripts/bench.py --only masks`` run on that backend.
+# cpu: radix, measured fastest on CPU by far (the others materialise comparisons
+#   or sort). gpu, tpu: not measured yet; picked by the cost model above.
 DEFAULT_METHOD = {"cpu": "radix", "gpu": "sample", "tpu": "bisect"}
 _FALLBACK_METHOD = "radix"
 
@@ -208,10 +209,16 @@ def _radix_select(keys, rank):
 
 
 def _count_below(keys: Sequence[Array], pivots: Array, inclusive: bool = False) -> Array:
-  """``#{key < p}`` (or ``<=``) for every pivot, summed over the leaves: one fused reduction."""
+  """``#{key < p}`` for every pivot (and ``#{key <= p}`` after them if ``inclusive``).
+
+  Summed over the leaves; one reduction per leaf. XLA:CPU materialises the
+  comparisons before reducing (hundreds of passes there); XLA:GPU fuses
+  elementwise producers into a reduction (``bench.py`` prints the kernels).
+  """
   def count(key):
     flat = key.reshape(-1, 1)
-    hits = flat <= pivots if inclusive else flat < pivots
+    hits = jnp.concatenate([flat < pivots, flat <= pivots], axis=1) if inclusive else (
+        flat < pivots)
     return jnp.sum(hits, axis=0, dtype=jnp.int32)
   return sum(count(key) for key in keys)
 
@@ -277,8 +284,7 @@ def pivot_select(keys: Sequence[Array], rank: Array, pivots: Array):
   selects it among the keys of that band only.
   """
   num = pivots.size
-  lt = _count_below(keys, pivots)
-  le = _count_below(keys, pivots, inclusive=True)
+  lt, le = jnp.split(_count_below(keys, pivots, inclusive=True), 2)
   j = jnp.sum(le <= rank).astype(jnp.int32)          # pivots strictly below the answer
   at = jnp.minimum(j, num - 1)
   hit = (j < num) & (lt[at] <= rank)

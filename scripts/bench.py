@@ -138,8 +138,7 @@ def bench_mask_components(xs, repeats: int, cell) -> None:
   rank = jnp.int32(int(0.8 * xs[0].size))
   parts = {
       "count 15 pivots <, <=": lambda xs: [
-          (select_k._count_below([k], pivots), select_k._count_below([k], pivots, True))
-          for k in keys(xs)],
+          select_k._count_below([k], pivots, inclusive=True) for k in keys(xs)],
       "scatter 65536 bins": lambda xs: [
           select_k._histogram((select_k._radix(k) >> 16).astype(jnp.int32)) for k in keys(xs)],
       "sample + 15 pivots": lambda xs: [select_k.sample_pivots([k], rank) for k in keys(xs)],
