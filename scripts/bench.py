@@ -284,7 +284,8 @@ def main() -> None:
   methods = [m for m in args.methods.split(",") if m]
   for m in methods:
     select_k.check_method(m)
-  print(f"{device_line()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"{device_line()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"jaxprune from {os.path.dirname(jaxprune.__file__)}")
   if args.only in (None, "masks"):
     bench_masks(repeats=5 if args.quick else 30, methods=methods)
   if args.only in (None, "wrappers"):
