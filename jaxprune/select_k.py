@@ -117,6 +117,20 @@ def compare_key(scores: Array) -> Array:
   return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
+def _radix_key(scores: Array) -> Array:
+  """uint32 keys whose unsigned order is :func:`compare_key`'s (the histograms' digits).
+
+  The same keys as ``_radix(compare_key(scores))``, written as a different
+  expression on purpose: XLA merges identical expressions, and a key shared
+  by the histograms, the tie pass and the mask is materialised in memory
+  (on CPU, 3-4x slower) instead of being recomputed inside each pass.
+  """
+  b = lax.bitcast_convert_type(jnp.asarray(scores).astype(jnp.float32), jnp.uint32)
+  r = jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+  nan = (r > jnp.uint32(0xFF800000)) | (r < jnp.uint32(0x007FFFFF))
+  return jnp.where(nan, jnp.uint32(0xFFFFFFFF), r)
+
+
 def _radix(key: Array) -> Array:
   """The uint32 key with the same order as the int32 ``key`` (top bit flipped)."""
   return lax.bitcast_convert_type(key ^ jnp.int32(_SIGN), jnp.uint32)
@@ -160,8 +174,8 @@ def _histogram(index: Array) -> Array:
   return jnp.zeros(_NUM_BINS, jnp.int32).at[index.reshape(-1)].add(1, mode="drop")
 
 
-def _radix_band(keys: Sequence[Array], rank: Array, low=None, width=None, member=None):
-  """The ``rank``-th smallest (0-based) key of those in ``[low, low + width]``.
+def _radix_band(scores: Sequence[Array], rank: Array, low=None, width=None, member=None):
+  """The ``rank``-th smallest (0-based) key of ``scores`` among those in ``[low, low + width]``.
 
   ``low`` and ``width`` are uint32 radix keys (``None``: the whole range, no
   membership test); ``member`` is an extra scalar condition. Two rounds of
@@ -176,8 +190,8 @@ def _radix_band(keys: Sequence[Array], rank: Array, low=None, width=None, member
   else:
     shift = jnp.maximum(jnp.uint32(32) - lax.clz(width), _RADIX_BITS) - _RADIX_BITS
   offsets, valid = [], []
-  for key in keys:
-    d = _radix(key) - low
+  for x in scores:
+    d = _radix_key(x) - low
     ok = None if width is None else d <= width
     if member is not None:
       ok = member if ok is None else ok & member
@@ -199,8 +213,8 @@ def _radix_band(keys: Sequence[Array], rank: Array, low=None, width=None, member
   return t, below_high + below_low, [h[low_bin] for h in lows]
 
 
-def _radix_select(keys, rank):
-  t, below, equal = _radix_band(keys, rank)
+def _radix_select(scores, rank):
+  t, below, equal = _radix_band(scores, rank)
   return _unradix(t), below, equal
 
 
@@ -208,22 +222,22 @@ def _radix_select(keys, rank):
 # Multi-way bisection (reductions only).
 
 
-def _count_below(keys: Sequence[Array], pivots: Array, inclusive: bool = False) -> Array:
+def _count_below(scores: Sequence[Array], pivots: Array, inclusive: bool = False) -> Array:
   """``#{key < p}`` for every pivot (and ``#{key <= p}`` after them if ``inclusive``).
 
   Summed over the leaves; one reduction per leaf. XLA:CPU materialises the
   comparisons before reducing (hundreds of passes there); XLA:GPU fuses
   elementwise producers into a reduction (``bench.py`` prints the kernels).
   """
-  def count(key):
-    flat = key.reshape(-1, 1)
+  def count(x):
+    flat = compare_key(x).reshape(-1, 1)
     hits = jnp.concatenate([flat < pivots, flat <= pivots], axis=1) if inclusive else (
         flat < pivots)
     return jnp.sum(hits, axis=0, dtype=jnp.int32)
-  return sum(count(key) for key in keys)
+  return sum(count(x) for x in scores)
 
 
-def _bisect_select(keys, rank, bits: int = _BISECT_BITS):
+def _bisect_select(scores, rank, bits: int = _BISECT_BITS):
   """Fixes ``bits`` bits of the k-th radix key per round from the top.
 
   With the interval ``[prefix, prefix + 2^(shift + bits))`` holding the
@@ -235,7 +249,7 @@ def _bisect_select(keys, rank, bits: int = _BISECT_BITS):
   below = jnp.int32(0)
   steps = jnp.arange(1, 1 << bits, dtype=jnp.uint32)
   for shift in range(32 - bits, -1, -bits):
-    counts = _count_below(keys, _unradix(prefix + (steps << shift)))
+    counts = _count_below(scores, _unradix(prefix + (steps << shift)))
     digit = jnp.sum(counts <= rank).astype(jnp.int32)
     below = jnp.where(digit > 0, counts[jnp.maximum(digit - 1, 0)], below)
     prefix = prefix + (digit.astype(jnp.uint32) << shift)
@@ -246,37 +260,37 @@ def _bisect_select(keys, rank, bits: int = _BISECT_BITS):
 # Sampled pivots, then an exact radix select in the band between two of them.
 
 
-def _sample(keys: Sequence[Array], size: int) -> Array:
-  """A sorted, stratified sample of about ``size`` keys (each leaf in proportion).
+def _sample(scores: Sequence[Array], size: int) -> Array:
+  """The sorted keys of a stratified sample of about ``size`` scores (each leaf in proportion).
 
   Entry ``i`` of a leaf's sample is taken from stratum ``i`` (``n // s``
   entries wide) at a hashed offset, so periodic patterns (columns of a
   kernel) do not alias with the stride.
   """
-  total = sum(key.size for key in keys)
+  total = sum(x.size for x in scores)
   parts = []
-  for key in keys:
-    s = min(key.size, max(1, round(size * key.size / total)))
-    stride = key.size // s
+  for x in scores:
+    s = min(x.size, max(1, round(size * x.size / total)))
+    stride = x.size // s
     i = jnp.arange(s, dtype=jnp.uint32)
     offset = ((i * jnp.uint32(0x9E3779B1)) >> 16) % jnp.uint32(stride)
-    parts.append(key.reshape(-1)[(i * stride + offset).astype(jnp.int32)])
+    parts.append(compare_key(x.reshape(-1)[(i * stride + offset).astype(jnp.int32)]))
   return jnp.sort(jnp.concatenate(parts))
 
 
-def sample_pivots(keys: Sequence[Array], rank: Array, size: int = _SAMPLE_SIZE,
+def sample_pivots(scores: Sequence[Array], rank: Array, size: int = _SAMPLE_SIZE,
                   num: int = _SAMPLE_PIVOTS, spread: float = _SAMPLE_SPREAD) -> Array:
   """``num`` sorted keys from a sample, spanning ``+-spread`` sd of the k-th's rank."""
-  sample = _sample(keys, size)
+  sample = _sample(scores, size)
   s = sample.size
-  q = (rank.astype(jnp.float32) + 0.5) / sum(key.size for key in keys)
+  q = (rank.astype(jnp.float32) + 0.5) / sum(x.size for x in scores)
   sd = jnp.sqrt(q * (1 - q) * s) + 1.0
   where = q * s + sd * jnp.linspace(-spread, spread, num, dtype=jnp.float32)
   return sample[jnp.clip(jnp.floor(where), 0, s - 1).astype(jnp.int32)]
 
 
-def pivot_select(keys: Sequence[Array], rank: Array, pivots: Array):
-  """The ``rank``-th smallest key, exactly, for any nondecreasing ``pivots``.
+def pivot_select(scores: Sequence[Array], rank: Array, pivots: Array):
+  """The ``rank``-th smallest key of ``scores``, exactly, for any nondecreasing ``pivots``.
 
   One fused reduction counts ``#{key < p}`` and ``#{key <= p}``. Either a
   pivot is the answer, or the answer lies strictly between the last pivot
@@ -284,7 +298,7 @@ def pivot_select(keys: Sequence[Array], rank: Array, pivots: Array):
   selects it among the keys of that band only.
   """
   num = pivots.size
-  lt, le = jnp.split(_count_below(keys, pivots, inclusive=True), 2)
+  lt, le = jnp.split(_count_below(scores, pivots, inclusive=True), 2)
   j = jnp.sum(le <= rank).astype(jnp.int32)          # pivots strictly below the answer
   at = jnp.minimum(j, num - 1)
   hit = (j < num) & (lt[at] <= rank)
@@ -292,13 +306,13 @@ def pivot_select(keys: Sequence[Array], rank: Array, pivots: Array):
   low = jnp.where(j > 0, _radix(pivots[prev]) + 1, jnp.uint32(0))
   high = jnp.where(j < num, _radix(pivots[at]) - 1, jnp.uint32(0xFFFFFFFF))
   below_band = jnp.where(j > 0, le[prev], 0)
-  t, below, _ = _radix_band(keys, rank - below_band, low, high - low, member=~hit)
+  t, below, _ = _radix_band(scores, rank - below_band, low, high - low, member=~hit)
   return (jnp.where(hit, pivots[at], _unradix(t)),
           jnp.where(hit, lt[at], below_band + below), None)
 
 
-def _sample_select(keys, rank):
-  return pivot_select(keys, rank, sample_pivots(keys, rank))
+def _sample_select(scores, rank):
+  return pivot_select(scores, rank, sample_pivots(scores, rank))
 
 
 # ----------------------------------------------------------------------------
@@ -414,14 +428,14 @@ def _bottom_k(scores: list[Array], k: Array, method: str) -> list[Array]:
   out = [jnp.ones(shape, bool) for shape in shapes]
   if not live:
     return out
-  keys = [compare_key(scores[i]) for i in live]
+  scores = [jnp.asarray(scores[i]).astype(jnp.float32) for i in live]
+  keys = [compare_key(x) for x in scores]
   if method == "sort":
     t, cuts = _sort_cuts(keys, k)
   else:
-    t, below, equal = _SELECT[method](keys, jnp.maximum(k, 1) - 1)
+    t, below, equal = _SELECT[method](scores, jnp.maximum(k, 1) - 1)
     cuts = _tie_cuts(keys, t, below, k, equal)
   for i, key, cut in zip(live, keys, cuts, strict=True):
-    index = lax.broadcasted_iota(jnp.int32, key.shape, 0) if key.ndim == 1 else (
-        jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
+    index = jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape)
     out[i] = (key > t) | ((key == t) & (index < cut))
   return out

@@ -137,14 +137,16 @@ def bench_mask_components(xs, repeats: int, cell) -> None:
   """The building blocks of the methods, on the same four tensors, to explain their rows."""
   print("building blocks (each on all four tensors):")
   keys = lambda xs: [select_k.compare_key(jnp.abs(x)) for x in xs]  # noqa: E731
+  scores = lambda xs: [jnp.abs(x) for x in xs]  # noqa: E731
   pivots = jnp.sort(select_k.compare_key(xs[0].reshape(-1)[:15]))
   rank = jnp.int32(int(0.8 * xs[0].size))
   parts = {
       "count 15 pivots <, <=": lambda xs: [
-          select_k._count_below([k], pivots, inclusive=True) for k in keys(xs)],
+          select_k._count_below([s], pivots, inclusive=True) for s in scores(xs)],
       "scatter 65536 bins": lambda xs: [
-          select_k._histogram((select_k._radix(k) >> 16).astype(jnp.int32)) for k in keys(xs)],
-      "sample + 15 pivots": lambda xs: [select_k.sample_pivots([k], rank) for k in keys(xs)],
+          select_k._histogram((select_k._radix_key(s) >> 16).astype(jnp.int32))
+          for s in scores(xs)],
+      "sample + 15 pivots": lambda xs: [select_k.sample_pivots([s], rank) for s in scores(xs)],
       "tie blocks + cut": lambda xs: select_k._tie_cuts(keys(xs), pivots[7], rank, rank + 9, None),
       "mask pass (key, t, cut)": lambda xs: [(k > pivots[7]) | (k == pivots[7]) for k in keys(xs)],
   }

@@ -194,7 +194,7 @@ def test_pivot_select_is_exact_for_any_pivots(x, rank, num, data):
   keys = np.asarray(select_k.compare_key(x))
   pool = st.one_of(st.sampled_from(list(keys)), st.integers(-2**31, 2**31 - 1))
   pivots = np.sort(np.array(data.draw(st.lists(pool, min_size=num, max_size=num)), np.int32))
-  t, below, _ = _pivot_select([jnp.asarray(keys)], jnp.int32(rank), jnp.asarray(pivots))
+  t, below, _ = _pivot_select([jnp.asarray(x)], jnp.int32(rank), jnp.asarray(pivots))
   assert (int(t), int(below)) == _threshold_oracle(keys, rank)
 
 
@@ -204,10 +204,16 @@ def test_bisect_select_any_digit_width(bits):
   x = np.concatenate([np.random.default_rng(bits).standard_normal(500).astype(np.float32),
                       _SPECIAL, np.full(40, 2.0, np.float32)])
   keys = np.asarray(select_k.compare_key(x))
-  select = jax.jit(lambda k, r: select_k._bisect_select([k], r, bits)[:2])
+  select = jax.jit(lambda x, r: select_k._bisect_select([x], r, bits)[:2])
   for rank in (0, 17, 300, 520, keys.size - 1):
-    t, below = select(jnp.asarray(keys), jnp.int32(rank))
+    t, below = select(jnp.asarray(x), jnp.int32(rank))
     assert (int(t), int(below)) == _threshold_oracle(keys, rank)
+
+
+def test_radix_key_orders_as_compare_key():
+  # Two expressions of one order (kept apart so that XLA does not merge them).
+  x = np.concatenate([_SPECIAL, np.random.default_rng(0).standard_normal(100).astype(np.float32)])
+  np.testing.assert_array_equal(select_k._radix_key(x), select_k._radix(select_k.compare_key(x)))
 
 
 def test_method_table_and_errors():
