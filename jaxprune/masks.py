@@ -1,24 +1,31 @@
 """Scores -> masks: N:M, magnitude (per layer and global) and random masks.
 
 Every function here is pure and jittable and returns a ``bool`` mask (``True``
-= kept). None of them sorts: a full sort of a large tensor costs tens of
-elementwise passes on a CPU, which is what made JaxPruner's masks slow.
+= kept). None of them needs a full sort: a sort of a large tensor costs tens
+of elementwise passes on a GPU and hundreds on a CPU, which is what made
+JaxPruner's masks slow.
 
 * :func:`nm_mask` ranks each element inside its group of ``m`` by ``m``
   pairwise comparisons, which XLA fuses into one pass over the scores.
-* :func:`magnitude_mask` and :func:`global_magnitude_masks` find the k-th
-  smallest score exactly by a two-round radix select on the float's bit
-  pattern (a 65,536-bin histogram of the top 16 bits, then of the low 16 bits
-  inside the chosen bin) and resolve ties at the threshold by index.
+* :func:`magnitude_mask`, :func:`global_magnitude_masks` and
+  :func:`bottom_k_masks` prune exactly the k smallest scores, ties included,
+  by one of the exact selection methods of :mod:`jaxprune.select_k` (radix
+  select on CPU; sampled pivots plus a radix select of the band between
+  them on GPU; reductions only on TPU). Every method gives the same mask.
 
 Conventions shared by all masks:
 
 * Scores are compared as float32 (bfloat16 and float16 convert exactly;
   float64 is rounded to float32 first) in IEEE 754 totalOrder, on their bit
-  patterns: ``-NaN < -inf < ... < -0.0 < +0.0 < subnormals < ... < +inf <
-  NaN``. Magnitude scores ``|w|`` are never negative, so NaN weights are kept
-  first and exact zeros pruned first. (Comparing floats directly would treat
-  subnormals as zero on CPUs, which flush them.)
+  patterns (:func:`jaxprune.select_k.compare_key`): ``-inf < ... < -0.0 <
+  +0.0 < subnormals < ... < +inf < NaN``. Comparing floats directly would
+  treat subnormals as zero on CPUs, which flush them.
+* Non-finite scores: every NaN (either sign, any payload) and ``+inf`` rank
+  as the largest scores, so they are kept first and a NaN weight never
+  pushes a healthy weight out of the mask; NaNs tie with each other.
+  ``-inf`` ranks as the smallest score and is pruned first: no score of this
+  library produces it from a finite weight, and for a user's score (e.g.
+  ``log |w|`` of an exact zero) it means "least important".
 * Ties keep the lower index: in N:M groups the earlier element of a tie is
   kept; in magnitude masks, among equal scores the ones with the *higher*
   flat index (row-major; in the global case, later leaves first) are pruned
@@ -28,6 +35,7 @@ Conventions shared by all masks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,13 +43,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune import _checks
+from jaxprune import _checks, select_k
 
 Array = jax.Array
-
-_RADIX_BITS = 16
-_NUM_BINS = 1 << _RADIX_BITS
-_TIE_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------
@@ -115,28 +119,6 @@ def check_nm_axis(shape: Sequence[int], m: int, axis: int, name: str = "scores")
 # Shared helpers.
 
 
-def _bits(scores: Array) -> Array:
-  return lax.bitcast_convert_type(jnp.asarray(scores).astype(jnp.float32), jnp.int32)
-
-
-def _radix_key(scores: Array) -> Array:
-  """uint32 key in IEEE totalOrder of the float32 scores (for the histograms)."""
-  b = lax.bitcast_convert_type(_bits(scores), jnp.uint32)
-  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
-
-
-def _compare_key(scores: Array) -> Array:
-  """int32 key in IEEE totalOrder: ``_radix_key`` with its top bit flipped.
-
-  Comparing keys rather than floats matters on CPUs, where XLA treats
-  subnormal floats as zero in comparisons and arithmetic. (Signed int32
-  comparisons vectorise better there than unsigned ones, and unsigned digits
-  histogram faster, hence two keys.)
-  """
-  b = _bits(scores)
-  return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
 def num_pruned(sparsity, size: int) -> Array | int:
   """``round(sparsity * size)``, half to even.
 
@@ -175,7 +157,12 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
   """
   n, m = _checks.check_nm(n, m)
   axis = check_nm_axis(jnp.shape(scores), m, _checks.check_int("axis", axis))
-  s = _compare_key(scores)
+  return _nm_mask(scores, n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_mask(scores: Array, n: int, m: int, axis: int) -> Array:
+  s = select_k.compare_key(scores)
   shape = s.shape
   groups = s.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
   gaxis = axis + 1
@@ -189,130 +176,71 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# Exact k-th smallest by radix select.
+# Magnitude masks.
 
 
-def _find_bin(hist: Array, rank: Array) -> tuple[Array, Array]:
-  """First bin whose cumulative count exceeds ``rank``, and the count below it."""
-  rows = hist.reshape(256, _NUM_BINS // 256)
-  row_cum = jnp.cumsum(rows.sum(1))
-  i = jnp.sum(row_cum <= rank).astype(jnp.int32)
-  below_row = jnp.where(i > 0, row_cum[jnp.maximum(i - 1, 0)], 0)
-  col_cum = jnp.cumsum(rows[i]) + below_row
-  j = jnp.sum(col_cum <= rank).astype(jnp.int32)
-  below = jnp.where(j > 0, col_cum[jnp.maximum(j - 1, 0)], below_row)
-  return i * (_NUM_BINS // 256) + j, below
-
-
-def _histogram(index: Array) -> Array:
-  """Counts of ``index`` in [0, 65536); out-of-range indices are dropped."""
-  return jnp.zeros(_NUM_BINS, jnp.int32).at[index.reshape(-1)].add(1, mode="drop")
-
-
-def _kth_smallest(scores: Sequence[Array], k: Array) -> tuple[Array, Array, list[Array]]:
-  """The k-th smallest (1-based, ``k >= 1``) of the union of ``scores``.
-
-  Returns ``(t, below, equal)``: the threshold as a :func:`_compare_key`, the
-  number of scores below it and, per leaf, the number equal to it.
-  """
-  keys = [_radix_key(s) for s in scores]
-  rank = k - 1
-  high = sum(_histogram((key >> _RADIX_BITS).astype(jnp.int32)) for key in keys)
-  high_bin, below_high = _find_bin(high, rank)
-  high_bin = high_bin.astype(jnp.uint32)
-  lows = []
-  for key in keys:
-    low = (key & jnp.uint32(_NUM_BINS - 1)).astype(jnp.int32)
-    lows.append(_histogram(jnp.where(key >> _RADIX_BITS == high_bin, low, _NUM_BINS)))
-  low_bin, below_low = _find_bin(sum(lows), rank - below_high)
-  t = (high_bin << _RADIX_BITS) | low_bin.astype(jnp.uint32)
-  t = lax.bitcast_convert_type(t ^ jnp.uint32(0x80000000), jnp.int32)
-  return t, below_high + below_low, [h[low_bin] for h in lows]
-
-
-def _position_of(flags: Array, count: Array) -> Array:
-  """Flat index of the ``count``-th True entry of ``flags`` (1-based; -1 for 0).
-
-  A radix select on the flat index: a histogram of the True entries per block
-  of 1,024 finds the block, a histogram inside that block the position.
-  """
-  flat = flags.reshape(-1)
-  index = jnp.arange(flat.size, dtype=jnp.int32)
-  blocks = -(-flat.size // _TIE_BLOCK)
-  block = index // _TIE_BLOCK
-  per_block = jnp.zeros(blocks, jnp.int32).at[jnp.where(flat, block, blocks)].add(1, mode="drop")
-  inclusive = jnp.cumsum(per_block)
-  b = jnp.sum(inclusive < count).astype(jnp.int32)
-  before = jnp.where(b > 0, inclusive[jnp.maximum(b - 1, 0)], 0)
-  in_block = jnp.zeros(_TIE_BLOCK, jnp.int32).at[
-      jnp.where(flat & (block == b), index % _TIE_BLOCK, _TIE_BLOCK)].add(1, mode="drop")
-  j = jnp.sum(jnp.cumsum(in_block) + before < count).astype(jnp.int32)
-  return jnp.where(count > 0, b * _TIE_BLOCK + j, -1)
-
-
-def _threshold_mask(scores: Array, t: Array, equal: Array, prune_equal: Array) -> Array:
-  """Keeps keys ``> t``, and of the ``equal`` keys ``== t`` all but the last ``prune_equal``."""
-  key = _compare_key(scores)
-  at_t = key == t
-  keep = equal - prune_equal
-  # Only the position of the last kept tie depends on a branch, and the branch
-  # returns a scalar: XLA:CPU runs array work inside `cond` slowly, and partial
-  # ties at the threshold are rare for real weights.
-  last = lax.cond(
-      (prune_equal > 0) & (keep > 0),
-      lambda: _position_of(at_t, keep),
-      lambda: jnp.where(keep > 0, jnp.int32(key.size), -1),
-  )
-  index = jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape)
-  return (key > t) | (at_t & (index <= last))
-
-
-def bottom_k_masks(scores: Sequence[Array], k) -> list[Array]:
+def bottom_k_masks(scores: Sequence[Array], k, *, method: str | None = None) -> list[Array]:
   """Prunes exactly the ``k`` smallest entries of the union of ``scores``.
 
   The building block of :func:`magnitude_mask` and
   :func:`global_magnitude_masks`, for callers that have already computed the
   number to prune ``k`` (a Python or traced integer in ``[0, total size]``).
   Ties at the threshold prune later leaves and higher flat indices first.
+
+  Args:
+    scores: a sequence of score arrays (any shapes, any float dtype).
+    k: the number of entries to prune.
+    method: the exact selection method, one of
+      :data:`jaxprune.select_k.METHODS`; ``None`` (default) picks
+      :data:`jaxprune.select_k.DEFAULT_METHOD` for the backend being traced
+      for. All methods return the same masks; they differ in speed.
+
+  Returns:
+    A list of bool masks (True = kept), one per entry of ``scores``.
   """
-  k = jnp.asarray(k, jnp.int32)
-  t, below, equal = _kth_smallest(scores, jnp.maximum(k, 1))
-  # Pruned among the ties, taken from the last leaves first. For k = 0 the
-  # threshold is the minimum and nothing is pruned: remaining = 0 - 0.
-  remaining = k - below
-  masks = [None] * len(scores)
-  for i in reversed(range(len(scores))):
-    here = jnp.clip(remaining, 0, equal[i])
-    masks[i] = _threshold_mask(scores[i], t, equal[i], here)
-    remaining = remaining - here
-  return masks
+  return select_k.bottom_k(list(scores), k, method)
 
 
-def magnitude_mask(scores: Array, sparsity) -> Array:
+def magnitude_mask(scores: Array, sparsity, *, method: str | None = None) -> Array:
   """Prunes exactly ``round(sparsity * scores.size)`` entries, the smallest.
 
-  The threshold is the exact k-th smallest score, found without sorting;
+  The threshold is the exact k-th smallest score, found without a full sort;
   among scores equal to it, the ones with the higher flat index are pruned
-  first.
+  first. NaN and ``+inf`` scores are kept first (see the module docstring).
 
   Args:
     scores: array of scores (e.g. ``|w|``).
     sparsity: fraction pruned, in [0, 1); may be traced.
+    method: selection method, see :func:`bottom_k_masks`.
 
   Returns:
     A bool mask of ``scores.shape`` (True = kept).
   """
   _checks.check_sparsity("sparsity", sparsity)
-  return bottom_k_masks([scores], num_pruned(sparsity, jnp.size(scores)))[0]
+  return bottom_k_masks([scores], num_pruned(sparsity, jnp.size(scores)), method=method)[0]
 
 
 def l2_normalized(s: Array, eps: float = 1e-8) -> Array:
-  """``s / (||s||_2 + eps)``: per-layer score normalisation for global pruning."""
+  """``s / (||s||_2 + eps)`` with the norm over the finite entries of ``s``.
+
+  The per-layer score normalisation of global pruning (JaxPruner's global
+  pruners). Non-finite entries are left out of the norm, so one NaN or inf
+  weight does not turn a whole healthy layer into NaN or zero scores; they
+  stay NaN or inf and rank as the largest. The squares are summed after
+  scaling by a power of two (exact), so large finite scores do not overflow
+  the norm; otherwise the result equals the plain formula.
+  """
   s = jnp.asarray(s).astype(jnp.float32)
-  return s / (jnp.linalg.norm(s.reshape(-1)) + eps)
+  finite = jnp.where(jnp.isfinite(s), s, 0.0)
+  # 2^(127 - e) for the largest finite |s| with biased exponent e, kept a normal float.
+  top = jnp.max(lax.bitcast_convert_type(finite, jnp.int32) & 0x7FFFFFFF, initial=0)
+  scale = lax.bitcast_convert_type(jnp.clip(254 - (top >> 23), 1, 254) << 23, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(finite.reshape(-1) * scale))) / scale
+  return s / (norm + eps)
 
 
-def global_magnitude_masks(scores, sparsity, *, normalize: bool = False):
+def global_magnitude_masks(scores, sparsity, *, normalize: bool = False,
+                           method: str | None = None):
   """One threshold across all leaves of ``scores``: the smallest overall are pruned.
 
   Exactly ``round(sparsity * total_size)`` entries are pruned; ties at the
@@ -323,8 +251,9 @@ def global_magnitude_masks(scores, sparsity, *, normalize: bool = False):
     scores: a pytree of score arrays.
     sparsity: global fraction pruned, in [0, 1).
     normalize: divide each leaf's scores by its L2 norm first (as
-      JaxPruner's global pruners do), so that layers with larger weights do
-      not keep more than their share.
+      JaxPruner's global pruners do, :func:`l2_normalized`), so that layers
+      with larger weights do not keep more than their share.
+    method: selection method, see :func:`bottom_k_masks`.
 
   Returns:
     A pytree of bool masks with the structure of ``scores``.
@@ -334,7 +263,7 @@ def global_magnitude_masks(scores, sparsity, *, normalize: bool = False):
   if normalize:
     leaves = [l2_normalized(x) for x in leaves]
   total = sum(math.prod(jnp.shape(x)) for x in leaves)
-  return treedef.unflatten(bottom_k_masks(leaves, num_pruned(sparsity, total)))
+  return treedef.unflatten(bottom_k_masks(leaves, num_pruned(sparsity, total), method=method))
 
 
 # ----------------------------------------------------------------------------

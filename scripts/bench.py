@@ -19,6 +19,8 @@ Run: ``python scripts/bench.py`` (add ``--quick`` for a smoke run). Prints
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 
 import jax
@@ -28,46 +30,128 @@ import optax
 from flax import nnx
 
 import jaxprune
-from jaxprune import train
+from jaxprune import select_k, train
 
 
-def median_time(fn, *args, repeats: int = 20) -> float:
+def device_line() -> str:
+  """Backend, device and versions, printed with every table."""
+  d = jax.devices()[0]
+  return (f"{jax.default_backend()} / {d.platform} ({d.device_kind}) x{jax.local_device_count()}, "
+          f"jax {jax.__version__}")
+
+
+STATISTIC = "median"  # or "min" (--min): the least disturbed run, on a shared machine.
+
+
+def median_time(fn, *args, repeats: int = 20, budget_s: float = 5.0) -> float:
+  """Median (or, with ``--min``, minimum) wall time of ``fn(*args)`` over ``repeats`` runs.
+
+  Compiled first. Stops early, after at least 3 runs, once ``budget_s``
+  seconds are spent (a sort on a CPU takes seconds).
+  """
   jax.block_until_ready(fn(*args))
   times = []
+  spent = 0.0
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+    spent += times[-1]
+    if len(times) >= 3 and spent > budget_s:
+      break
+  return min(times) if STATISTIC == "min" else sorted(times)[len(times) // 2]
 
 
-def bench_masks(repeats: int) -> None:
-  print("== masks (median time, and in elementwise passes over the same tensors)")
+_NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all",
+                "partition-id", "replica-id"}
+
+
+def kernel_count(jitted, *args) -> int:
+  """About how many kernels one call launches: the instructions of the compiled entry
+  computation, less the free ones, looking into calls (GPU command buffers) and the
+  largest branch of a conditional."""
+  computations, name = {}, None
+  for line in jitted.lower(*args).compile().as_text().splitlines():
+    head = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head and "=" not in line.split("{")[0]:
+      name = "ENTRY" if head.group(1) else head.group(2)
+      computations[name] = []
+    elif name and re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line):
+      computations[name].append(line)
+
+  def count(comp: str) -> int:
+    total = 0
+    for line in computations.get(comp, []):
+      op = re.search(r"= (?:\([^=]*\)|\S+) ([\w\-]+)\(", line)
+      op = op.group(1) if op else ""
+      callees = re.findall(r"(?:to_apply|branch_computations|body|true_computation|"
+                           r"false_computation)=\{?%?([\w.\-, %]+)\}?", line)
+      names = [c.strip(" %") for group in callees for c in group.split(",")]
+      if op in ("call", "while", "conditional"):
+        total += (op != "call") + max((count(c) for c in names), default=0)
+      elif op not in _NOT_KERNELS:
+        total += 1
+    return total
+  return count("ENTRY")
+
+
+def bench_masks(repeats: int, methods: list[str]) -> None:
+  print(f"\n== masks on {device_line()}")
+  print(f"   {STATISTIC} time, and in elementwise passes (jnp.abs(x) * 2) over the same tensors")
   x = jax.random.normal(jax.random.key(0), (4096, 4096))
   one_pass = median_time(jax.jit(lambda x: jnp.abs(x) * 2), x, repeats=repeats)
   nm = median_time(jax.jit(lambda x: jaxprune.nm_mask(jnp.abs(x), 2, 4, axis=0)), x,
                    repeats=repeats)
-  print(f"elementwise pass 4096x4096      {one_pass * 1e3:8.2f} ms")
-  print(f"nm_mask 2:4 axis 0 4096x4096    {nm * 1e3:8.2f} ms  = {nm / one_pass:6.2f} passes")
+  print(f"elementwise pass 4096x4096       {one_pass * 1e3:9.2f} ms")
+  print(f"nm_mask 2:4 axis 0 4096x4096     {nm * 1e3:9.2f} ms  = {nm / one_pass:6.2f} passes")
 
   xs = [jax.random.normal(jax.random.key(i), (1024, 1024)) for i in range(4)]
+  ties = [jnp.round(x * 2) for x in xs]  # ~10 distinct scores: many exact ties at the threshold
   one_pass = median_time(jax.jit(lambda xs: [jnp.abs(x) * 2 for x in xs]), xs, repeats=repeats)
-  layer = median_time(
-      jax.jit(lambda xs: [jaxprune.magnitude_mask(jnp.abs(x), 0.8) for x in xs]), xs,
-      repeats=repeats)
-  glob = median_time(
-      jax.jit(lambda xs: jaxprune.global_magnitude_masks([jnp.abs(x) for x in xs], 0.8)), xs,
-      repeats=repeats)
-  ties = [jnp.round(x * 2) for x in xs]  # many exact ties at the threshold
-  tied = median_time(
-      jax.jit(lambda xs: [jaxprune.magnitude_mask(jnp.abs(x), 0.8) for x in xs]), ties,
-      repeats=repeats)
+  print(f"elementwise pass 4 x 1024x1024   {one_pass * 1e3:9.2f} ms")
+  print("unstructured 80% of 4 x 1024x1024, one row per exact method (all give the same masks):")
+  print(f"{'method':<22}{'per layer':>22}{'global':>22}{'per layer, tied':>22}"
+        f"{'kernels (layer, global)':>26}")
+
+  def cell(seconds):
+    return f"{seconds * 1e3:9.2f} ms {seconds / one_pass:6.2f} p"
+
+  default = select_k.default_method()
+  for method in [*methods, None]:
+    name = f"default = {default}" if method is None else method
+    layer = jax.jit(lambda xs, m=method: [
+        jaxprune.magnitude_mask(jnp.abs(x), 0.8, method=m) for x in xs])
+    glob = jax.jit(lambda xs, m=method: jaxprune.global_magnitude_masks(
+        [jnp.abs(x) for x in xs], 0.8, method=m))
+    times = [median_time(f, a, repeats=repeats) for f, a in
+             [(layer, xs), (glob, xs), (layer, ties)]]
+    kernels = f"~{kernel_count(layer, xs)}, ~{kernel_count(glob, xs)}"
+    print(f"{name:<22}" + "".join(f"{cell(t):>22}" for t in times) + f"{kernels:>26}")
   full_sort = median_time(jax.jit(lambda xs: [jnp.argsort(jnp.abs(x).ravel()) for x in xs]), xs,
                           repeats=max(3, repeats // 4))
-  print(f"elementwise pass 4 x 1024x1024  {one_pass * 1e3:8.2f} ms")
-  for name, t in [("magnitude 80% per layer", layer), ("magnitude 80% global", glob),
-                  ("magnitude 80%, tied scores", tied), ("full argsort (reference)", full_sort)]:
-    print(f"{name:<31} {t * 1e3:8.2f} ms  = {t / one_pass:6.2f} passes")
+  print(f"{'full argsort (ref.)':<22}{cell(full_sort):>22}")
+  bench_mask_components(xs, repeats, cell)
+
+
+def bench_mask_components(xs, repeats: int, cell) -> None:
+  """The building blocks of the methods, on the same four tensors, to explain their rows."""
+  print("building blocks (each on all four tensors):")
+  keys = lambda xs: [select_k.compare_key(jnp.abs(x)) for x in xs]  # noqa: E731
+  scores = lambda xs: [jnp.abs(x) for x in xs]  # noqa: E731
+  pivots = jnp.sort(select_k.compare_key(xs[0].reshape(-1)[:15]))
+  rank = jnp.int32(int(0.8 * xs[0].size))
+  parts = {
+      "count 15 pivots <, <=": lambda xs: [
+          select_k._count_below([s], pivots, inclusive=True) for s in scores(xs)],
+      "scatter 65536 bins": lambda xs: [
+          select_k._histogram((select_k._radix_key(s) >> 16).astype(jnp.int32))
+          for s in scores(xs)],
+      "sample + 15 pivots": lambda xs: [select_k.sample_pivots([s], rank) for s in scores(xs)],
+      "tie blocks + cut": lambda xs: select_k._tie_cuts(keys(xs), pivots[7], rank, rank + 9, None),
+      "mask pass (key, t, cut)": lambda xs: [(k > pivots[7]) | (k == pivots[7]) for k in keys(xs)],
+  }
+  for name, fn in parts.items():
+    print(f"  {name:<20}{cell(median_time(jax.jit(fn), xs, repeats=repeats)):>22}")
 
 
 def dense_stack(key, width: int, depth: int):
@@ -128,7 +212,8 @@ def wrappers(steps: int):
 
 
 def bench_training(steps: int, rounds: int) -> None:
-  print(f"\n== train step, 4 x Dense(1024), batch 64, {steps} steps (mean per step)")
+  print(f"\n== train step on {device_line()}")
+  print(f"   4 x Dense(1024), batch 64, {steps} steps (mean per step)")
   plain = optax.adam(1e-4)
   for name, tx in wrappers(steps).items():
     # Alternate plain and wrapped runs so that machine noise hits both alike.
@@ -176,7 +261,8 @@ def recipe_steps_per_s(name: str, steps: int) -> float:
 def bench_recipes(steps: int, rounds: int, names: list[str] | None = None) -> None:
   config = train.load_recipe("dense")
   tokens = config.batch_size * config.model.context
-  print(f"\n== recipes at default size ({tokens} tokens per step), {steps} steps, "
+  print(f"\n== recipes on {device_line()}")
+  print(f"   default size ({tokens} tokens per step), {steps} steps, "
         f"median of {rounds} rounds alternating with dense")
   for name in names or train.recipe_names():
     if name == "dense":
@@ -196,11 +282,21 @@ def main() -> None:
   parser.add_argument("--only", choices=("masks", "wrappers", "recipes"),
                       help="run one section")
   parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
+  parser.add_argument("--methods", default=",".join(select_k.METHODS),
+                      help="comma-separated mask selection methods (default: all of "
+                           f"{', '.join(select_k.METHODS)}); the default method is always run")
+  parser.add_argument("--min", action="store_true",
+                      help="report the fastest run instead of the median (a busy shared machine)")
   args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{jax.local_device_count()} device(s)")
+  global STATISTIC
+  STATISTIC = "min" if args.min else "median"
+  methods = [m for m in args.methods.split(",") if m]
+  for m in methods:
+    select_k.check_method(m)
+  print(f"{device_line()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"jaxprune from {os.path.dirname(jaxprune.__file__)}")
   if args.only in (None, "masks"):
-    bench_masks(repeats=5 if args.quick else 30)
+    bench_masks(repeats=5 if args.quick else 30, methods=methods)
   if args.only in (None, "wrappers"):
     bench_training(steps=20 if args.quick else 200, rounds=1 if args.quick else 3)
   if args.only in (None, "recipes"):
