@@ -389,7 +389,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       done = step + 1
       is_log = done % config.log_every == 0 or done == config.steps
       is_eval = done % config.eval_every == 0 or done == config.steps
-      is_ckpt = done % config.checkpoint_every == 0 or done == config.steps
+      is_ckpt = config.checkpoint_every > 0 and (
+          done % config.checkpoint_every == 0 or done == config.steps)
       if not (is_log or is_eval or is_ckpt):
         continue
       fetched = jax.device_get(pending)   # One host sync per logged window, not per step.

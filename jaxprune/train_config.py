@@ -81,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_batches = 16
   c.log_every = 25
-  c.checkpoint_every = 200
+  c.checkpoint_every = 200           # 0: never (benchmarks); the run cannot resume then.
   c.keep_checkpoints = 2
   c.progress = True                  # progress bar on a terminal (never when not a TTY).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))   # -1: all devices.
@@ -176,9 +176,12 @@ def check_config(config) -> None:
   if config.method not in METHODS:
     raise ValueError(f"`config.method` must be one of {METHODS}, got {config.method!r}.")
   for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
-               "checkpoint_every", "keep_checkpoints"):
+               "keep_checkpoints"):
     if not (isinstance(config[name], int) and config[name] >= 1):
       raise ValueError(f"`config.{name}` must be an integer >= 1, got {config[name]!r}.")
+  if not (isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0):
+    raise ValueError("`config.checkpoint_every` must be an integer >= 0 (0: never save), got "
+                     f"{config.checkpoint_every!r}.")
   for name in ("dtype", "param_dtype"):
     if config.model.get(name) not in DTYPES:
       raise ValueError(f"`config.model.{name}` must be one of {DTYPES}, "
