@@ -56,6 +56,7 @@ from jaxprune.step import StepState, step_adam, step_phase
 from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,
+    master_dtype,
     master_params,
     master_weight_transform,
     sr_ste,

@@ -255,6 +255,55 @@ def _check_leaves(plan, params, land_fn, check_leaf) -> None:
       check_leaf(leaf, dtype)
 
 
+class _Views(NamedTuple):
+  """How a master-weight transform computes the views of its leaves (see the engine's args)."""
+
+  structure: Any
+  sparsity: float
+  mask_fn: Callable | None
+  leaf_view_fn: Callable
+
+  def masks(self, plan, leaves, step):
+    if self.mask_fn is not None:
+      return [None if p is None else self.mask_fn(p, w, step)
+              for p, w in zip(plan, leaves, strict=True)]
+    scores = [jnp.abs(w) for w in leaves]
+    return pruning.mask_leaves(plan, scores, jnp.float32(self.sparsity), self.sparsity,
+                               self.structure)
+
+  def __call__(self, plan, leaves, step):
+    """The view of every planned leaf of ``leaves`` at ``step`` (the others unchanged)."""
+    masks = self.masks(plan, leaves, step)
+    return [w if m is None else self.leaf_view_fn(p, w, m, step)
+            for p, w, m in zip(plan, leaves, masks, strict=True)]
+
+
+def _off_view(plan, p_leaves, views) -> jax.Array:
+  """The entries of the planned params that are not their view (one fused reduction each)."""
+  return sum((_mismatches(p, v.astype(p.dtype)) for leaf, p, v in
+              zip(plan, p_leaves, views, strict=True) if leaf is not None),
+             jnp.zeros([], jnp.int32))
+
+
+def _land(plan, u, views, p_leaves, land_fn, corrections):
+  """``(updates, corrections, unlanded)``: the emitted updates that move the planned params
+  onto their new views (the inner updates for the others), with the counts of the state."""
+  out, unlanded = [], jnp.zeros([], jnp.int32)
+  for leaf, d, v, p in zip(plan, u, views, p_leaves, strict=True):
+    if leaf is None:
+      out.append(d)
+    elif land_fn is None:
+      # Where the view is 0, v - p = -p exactly, so pruned entries land on 0.0.
+      d, misses = _landing(v.astype(p.dtype), p)
+      out.append(d)
+      unlanded = unlanded + misses
+    else:
+      d, misses = land_fn(leaf, v, p)
+      out.append(d.astype(p.dtype))
+      corrections = _add_saturating(corrections, misses)
+  return out, corrections, unlanded
+
+
 def master_weight_transform(
     inner: optax.GradientTransformation,
     *,
@@ -309,21 +358,11 @@ def master_weight_transform(
     leaf_view_fn = lambda leaf, w, mask, step: view_fn(w, mask, step)  # noqa: E731
   base_view = inner.view if isinstance(inner, ViewTransformation) else None
   selection = pruning.as_selection(select)
-  checks = land_fn is None
+  view_leaves = _Views(structure, sparsity, mask_fn, leaf_view_fn)
+  checks = land_fn is None   # A grid landing counts its own corrections instead.
 
   def plan_for(params):
     return pruning._plan(params, selection, sparsity, structure, "layer")
-
-  def masks_of(plan, leaves, step):
-    if mask_fn is not None:
-      return [None if p is None else mask_fn(p, w, step) for p, w in zip(plan, leaves, strict=True)]
-    scores = [jnp.abs(w) for w in leaves]
-    return pruning.mask_leaves(plan, scores, jnp.float32(sparsity), sparsity, structure)
-
-  def view_leaves(plan, leaves, step):
-    masks = masks_of(plan, leaves, step)
-    return [w if m is None else leaf_view_fn(p, w, m, step)
-            for p, w, m in zip(plan, leaves, masks, strict=True)]
 
   @jax.jit
   def view(params):
@@ -342,64 +381,39 @@ def master_weight_transform(
     work = _upcast(plan, params)
     zero = jnp.zeros([], jnp.int32)
     return MasterWeightsState(
-        inner_state=inner.init(work),
-        master=dense_copy(plan, work if base_view is None else base_view(work)),
-        count=zero,
-        corrections=None if checks else zero,
-        violations=zero if checks else None,
-        unlanded=zero if checks else None,
-    )
-
-  def land(plan, u, views, p_leaves, state):
-    """The emitted updates, and the state's new counts."""
-    out, corrections, unlanded = [], state.corrections, jnp.zeros([], jnp.int32)
-    for plan_i, d, v, p in zip(plan, u, views, p_leaves, strict=True):
-      if plan_i is None:
-        out.append(d)
-      elif land_fn is None:
-        # Where the view is 0, v - p = -p exactly, so pruned entries land on 0.0.
-        d, misses = _landing(v.astype(p.dtype), p)
-        out.append(d)
-        unlanded = unlanded + misses
-      else:
-        d, misses = land_fn(plan_i, v, p)
-        out.append(d.astype(p.dtype))
-        corrections = _add_saturating(corrections, misses)
-    return out, corrections, unlanded if checks else None
+        inner.init(work), dense_copy(plan, work if base_view is None else base_view(work)),
+        zero, corrections=None if checks else zero, violations=zero if checks else None,
+        unlanded=zero if checks else None)
 
   def update_fn(updates, state, params=None):
     pruning.check_update_args("jaxprune master-weight transform", updates, params, state.master)
-    plan = plan_for(params)
-    step = state.count
-    treedef = jax.tree.structure(params)
-    p_leaves = jax.tree.leaves(params)
-    w_leaves = [p if plan_i is None else w for plan_i, p, w in
+    plan, step = plan_for(params), state.count
+    treedef, p_leaves = jax.tree.structure(params), jax.tree.leaves(params)
+    w_leaves = [p if leaf is None else w for leaf, p, w in
                 zip(plan, p_leaves, jax.tree.leaves(state.master), strict=True)]
-    g_leaves = [g if plan_i is None else g.astype(w.dtype) for plan_i, g, w in
+    g_leaves = [g if leaf is None else g.astype(w.dtype) for leaf, g, w in
                 zip(plan, jax.tree.leaves(updates), w_leaves, strict=True)]
     violations = state.violations
     if checks or grad_fn is not None:
       now = view_leaves(plan, w_leaves, step)  # view(W_t), from the master.
     if grad_fn is not None:
-      g_leaves = [g if plan_i is None else grad_fn(g, w, v, step)
-                  for plan_i, g, w, v in zip(plan, g_leaves, w_leaves, now, strict=True)]
+      g_leaves = [g if leaf is None else grad_fn(g, w, v, step)
+                  for leaf, g, w, v in zip(plan, g_leaves, w_leaves, now, strict=True)]
     if checks:
-      off_view = sum((_mismatches(p, v.astype(p.dtype)) for plan_i, p, v in
-                      zip(plan, p_leaves, now, strict=True) if plan_i is not None),
-                     jnp.zeros([], jnp.int32))
-      violations = _add_saturating(violations, jnp.maximum(off_view - state.unlanded, 0))
+      off = _off_view(plan, p_leaves, now) - state.unlanded
+      violations = _add_saturating(violations, jnp.maximum(off, 0))
     u, inner_state = inner.update(treedef.unflatten(g_leaves), state.inner_state,
                                   treedef.unflatten(w_leaves))
     u = jax.tree.leaves(u)
-    new_w = [w if plan_i is None else w + d.astype(w.dtype)
-             for plan_i, w, d in zip(plan, w_leaves, u, strict=True)]
-    out, corrections, unlanded = land(plan, u, view_leaves(plan, new_w, step + 1), p_leaves,
-                                      state)
-    master = [m if plan_i is None else w for plan_i, m, w in
+    new_w = [w if leaf is None else w + d.astype(w.dtype)
+             for leaf, w, d in zip(plan, w_leaves, u, strict=True)]
+    out, corrections, unlanded = _land(plan, u, view_leaves(plan, new_w, step + 1), p_leaves,
+                                       land_fn, state.corrections)
+    master = [m if leaf is None else w for leaf, m, w in
               zip(plan, jax.tree.leaves(state.master), new_w, strict=True)]
     return treedef.unflatten(out), MasterWeightsState(
         inner_state, treedef.unflatten(master), optax.safe_int32_increment(step), corrections,
-        violations, unlanded)
+        violations, unlanded if checks else None)
 
   return ViewTransformation(init_fn, update_fn, view)
 
