@@ -67,7 +67,9 @@ def _masked_view(name, w):
 
 @functools.cache
 def _engine(name: str, dtype_name: str):
-  tx = ENGINE[name](optax.adam(3e-2))
+  # The biases (not selected) get Adam in their own dtype: in float16 the default eps = 1e-8
+  # is 0 and g^2 underflows, so 0 / 0 would make them NaN; 1e-3 is representable.
+  tx = ENGINE[name](optax.adam(3e-2, eps=1e-3))
 
   @jax.jit
   def step(params, state, x, y):
