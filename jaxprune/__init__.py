@@ -60,6 +60,7 @@ from jaxprune.step import StepState, step_adam, step_phase, step_status
 from jaxprune.straight_through import (
     MasterWeightsState,
     ViewTransformation,
+    master_dtype,
     master_params,
     master_weight_transform,
     sr_ste,

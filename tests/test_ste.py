@@ -174,3 +174,96 @@ def test_init_and_update_errors():
     tx.update({"v": jnp.ones((8, 4))}, state, {"v": jnp.ones((8, 4))})
   with pytest.raises(ValueError, match="expected exactly one jaxprune master-weight state"):
     jaxprune.master_params(optax.sgd(1.0).init({"w": jnp.ones(2)}))
+
+
+# --------------------------------------------------------------------------- #
+# The first step without `tx.view`, invariant violations, the engine's hooks.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("view_line", [True, False])
+def test_first_update_is_sr_ste_with_and_without_the_view_line(view_line):
+  """SR-STE's refining term at step 0 uses E(W_0) from the master, so the update is the
+  method's either way; leaving the view line out is recorded as violations."""
+  w = jax.random.normal(jax.random.key(0), (8, 4))
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+  tx = jaxprune.sr_ste(capture_grads(), 2, 4, decay=0.3)
+  state = tx.init({"w": w})
+  params = tx.view({"w": w}) if view_line else {"w": w}
+  e = jaxprune.nm_mask(jnp.abs(w), 2, 4, axis=0)
+  updates, state = tx.update({"w": x}, state, params)
+  np.testing.assert_array_equal(state.inner_state["w"], x + 0.3 * (1 - e) * w)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["w"], jnp.where(e, w, 0.0))   # On the view either way.
+  # Without the view line the first forward pass saw the 16 pruned entries: recorded once.
+  assert int(state.violations) == (0 if view_line else 16)
+  _, state = tx.update({"w": x}, state, params)
+  assert int(state.violations) == (0 if view_line else 16)
+
+
+def test_violations_count_what_a_transform_after_it_changes():
+  w = jax.random.normal(jax.random.key(2), (8, 8))
+  x = jax.random.normal(jax.random.key(3), (8, 8))
+  tx = optax.chain(jaxprune.sr_ste(optax.sgd(0.1), 2, 4), optax.scale(0.5))
+  state = tx.init({"w": w})
+  params = jaxprune.sr_ste(optax.sgd(0.1), 2, 4).view({"w": w})
+  updates, state = tx.update({"w": x}, state, params)
+  params = optax.apply_updates(params, updates)   # Halfway to the view: off it where it moved.
+  unlanded = int(state[0].unlanded)
+  w1 = jaxprune.master_params(state)["w"]
+  v1 = jnp.where(jaxprune.nm_mask(jnp.abs(w1), 2, 4, axis=0), w1, 0.0)
+  off = int(jnp.sum(params["w"] != v1))
+  assert off > 16
+  _, state = tx.update({"w": x}, state, params)
+  assert int(state[0].violations) == off - unlanded
+
+
+def test_an_update_that_cannot_land_exactly_is_not_a_violation():
+  """p + (v - p) rounds away from v when the two are far apart; the state carries how many
+  entries did, and the next check does not count them."""
+  p0, v = np.float32(0.035735376), np.float32(0.005735752)   # From a real SR-STE step.
+  assert np.float32(p0 + np.float32(v - p0)) != v
+  tx = jaxprune.ste(optax.sgd(0.0), jaxprune.UNSTRUCTURED, sparsity=0.0)
+  params = {"w": jnp.array([[p0, p0]])}
+  state = tx.init(params)._replace(master={"w": jnp.array([[v, p0]])})
+  zero = {"w": jnp.zeros((1, 2))}
+  updates, state = tx.update(zero, state, params)   # The params were not the view: 1.
+  params = optax.apply_updates(params, updates)
+  assert (int(state.violations), int(state.unlanded)) == (1, 1)
+  assert params["w"][0, 0] != v
+  updates, state = tx.update(zero, state, params)
+  params = optax.apply_updates(params, updates)
+  assert (int(state.violations), int(state.unlanded)) == (1, 0)
+  np.testing.assert_array_equal(params["w"], [[v, p0]])
+
+
+def test_check_leaf_hook_sees_every_selected_leaf_at_init():
+  calls = []
+  tx = jaxprune.master_weight_transform(
+      optax.sgd(0.1), select=None, structure=jaxprune.nm(2, 4), sparsity=0.5,
+      view_fn=lambda w, mask, step: jnp.where(mask, w, 0.0),
+      check_leaf=lambda leaf, dtype: calls.append((leaf.path, leaf.shape, leaf.axis, dtype)))
+  params = {"a": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},
+            "b": {"kernel": jnp.ones((4, 8), jnp.bfloat16)}}
+  tx.init(params)
+  assert calls == [("a/kernel", (8, 4), 0, np.dtype("float32")),
+                   ("b/kernel", (4, 8), 0, np.dtype(jnp.bfloat16))]
+
+  def refuse(leaf, dtype):
+    raise ValueError(f"{leaf.path}: not this one")
+
+  tx = jaxprune.master_weight_transform(
+      optax.sgd(0.1), select=None, structure=jaxprune.nm(2, 4), sparsity=0.5,
+      view_fn=lambda w, mask, step: w, check_leaf=refuse)
+  with pytest.raises(ValueError, match="a/kernel: not this one"):
+    tx.init(params)
+
+
+def test_a_grid_landing_refuses_bfloat16_params_naming_them():
+  tx = jaxprune.master_weight_transform(
+      optax.sgd(0.1), select=None, structure=jaxprune.UNSTRUCTURED, sparsity=0.5,
+      view_fn=lambda w, mask, step: w, land_fn=lambda leaf, v, p: (v - p, jnp.int32(0)))
+  with pytest.raises(ValueError, match=r"layer/kernel: .*master dtype float32, got bfloat16"):
+    tx.init({"layer": {"kernel": jnp.ones((4, 4), jnp.bfloat16)}})
+  state = tx.init({"layer": {"kernel": jnp.ones((4, 4))}})
+  assert state.violations is None and int(state.corrections) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -86,6 +87,13 @@ def test_recipe_invariants(tiny_runs, name):
   assert [r["step"] for r in records] == list(range(10, 41, 10))
   assert [r["step"] for r in records if "eval_loss" in r] == [20, 40]
   assert records[-1]["eval_loss"] == report["eval_loss"]
+  width, context = config.model.width, config.model.context
+  matmul_params = report["params_total"] - 256 * width - context * width   # less the embeddings
+  assert report["model_flops_per_token"] == (6 * matmul_params
+                                             + 12 * config.model.depth * width * context)
+  known = train.peak_flops(jax.devices()[0].device_kind) is not None
+  assert (report["mfu"] > 0) if known else (report["mfu"] is None)   # CPU: no known peak.
+  assert report["compile_time_s"] > 0
   md = (workdir / "report.md").read_text()
   assert "Sparsity per layer" in md and report["corpus"]["sha256"] in md
   assert json.loads((workdir / "report.json").read_text())["eval_loss"] == report["eval_loss"]
@@ -241,6 +249,93 @@ def test_bad_input(tmp_path):
   config.unknown_field = 1
   with pytest.raises(ValueError, match=r"unknown config field.*unknown_field.*valid fields"):
     train.train(config, tmp_path / "w")
+  with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'small', 'base'"):
+    load_recipe("dense", "tiny+huge")
+  with pytest.raises(ValueError, match=r"`config.model.dtype` must be one of \('float32', "
+                     r"'bfloat16'\), got 'bf16'"):
+    _bad(tmp_path, **{"model.dtype": "bf16"})()
+  with pytest.raises(ValueError, match=r"`config.model.param_dtype` must be one of"):
+    _bad(tmp_path, **{"model.param_dtype": "float64"})()
+  with pytest.raises(ValueError, match=r"`config.checkpoint_every` must be an integer >= 0"):
+    _bad(tmp_path, checkpoint_every=-1)()
+  with pytest.raises(ValueError, match=r"`config.peak_flops` must be a number >= 0"):
+    _bad(tmp_path, peak_flops=-1.0)()
+
+
+def test_presets_small_base_and_bf16():
+  for preset, count, context in (("small", 19_308_800, 256), ("base", 86_235_904, 1024)):
+    config = load_recipe("sr_ste_2of4", preset)
+    assert jaxprune.models.param_count(**config.model.to_dict()) == count
+    assert (config.model.context, config.model.dtype, config.model.param_dtype) == (
+        context, "bfloat16", "float32")
+    assert config.method == "sr_ste"                  # The recipe's own fields are kept.
+  plain, bf16 = load_recipe("gmp", ""), load_recipe("gmp", "bf16")
+  plain.model.dtype = "bfloat16"
+  assert plain.to_dict() == bf16.to_dict()            # bf16 changes only the compute dtype.
+  both = load_recipe("dense", "tiny+bf16")
+  assert (both.model.width, both.steps, both.model.dtype) == (32, 40, "bfloat16")
+
+
+def test_model_flops_per_token_by_hand_peak_table_and_mfu():
+  small = load_recipe("dense", "small").model.to_dict()
+  n = 19_308_800 - 256 * 512 - 256 * 512            # less token and position embeddings
+  assert train.model_flops_per_token(small) == 6 * n + 12 * 6 * 512 * 256 == 123_717_120
+  assert train.peak_flops("NVIDIA H200") == train.peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
+  assert train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+  assert train.peak_flops("NVIDIA L4") == 121e12
+  assert train.peak_flops("TPU v4") == 275e12
+  assert train.peak_flops("TPU v5 lite") == 197e12
+  assert train.peak_flops("TPU v5p") == train.peak_flops("TPU v5") == 459e12
+  assert train.peak_flops("TPU v6 lite") == 918e12
+  for unknown in ("cpu", "NVIDIA H200 NVL", "NVIDIA GeForce RTX 4090"):
+    assert train.peak_flops(unknown) is None
+  assert train.peak_flops("cpu", 2e12) == 2e12       # config.peak_flops wins.
+  assert train.mfu(1e9, 1e5, 1e15, 2) == pytest.approx(0.05)
+  assert train.mfu(1e9, 1e5, None, 1) is None and train.mfu(1e9, None, 1e15, 1) is None
+
+
+def test_compilation_cache_start_up_lines_and_the_peak_flag(tmp_path, capsys):
+  cache = tmp_path / "cache"
+  config = _config(steps=6, eval_every=3, log_every=3, checkpoint_every=0,
+                   compilation_cache=str(cache), peak_flops=1e12)
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  report = train.train(config, tmp_path / "a")
+  assert (jax.config.jax_compilation_cache_dir,
+          jax.config.jax_persistent_cache_min_compile_time_secs) == before   # Restored.
+  entries = set(cache.iterdir())
+  assert entries                                      # The train step (and more) was written.
+  err = capsys.readouterr().err
+  for line in ("jaxprune: loading the corpus", "jaxprune: model: 30,432 parameters (float32 "
+               "compute, float32 params)", f"compiling the train step (cache: {cache})",
+               "jaxprune: compiled in"):
+    assert line in err
+  assert report["mfu"] == pytest.approx(
+      report["model_flops_per_token"] * report["tokens_per_s"] / (1e12 * jax.device_count()))
+  assert not list((tmp_path / "a" / "checkpoints").glob("[0-9]*"))   # checkpoint_every=0
+  again = train.train(config, tmp_path / "b")         # The same programs: all loaded.
+  assert set(cache.iterdir()) == entries
+  assert again["eval_loss"] == report["eval_loss"]
+
+
+@pytest.mark.slow
+def test_accelerator_table_script_on_cpu(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "accelerator_table", ROOT / "scripts" / "accelerator_table.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  out = tmp_path / "rows.json"
+  script.main(["--preset", "tiny", "--steps", "6", "--recipes", "sr_ste_2of4,dense",
+               "--compilation_cache", "off", "--out", str(out)])
+  table = capsys.readouterr().out
+  rows = json.loads(out.read_text())
+  assert [r["recipe"] for r in rows] == ["dense", "sr_ste_2of4"]   # dense first
+  assert f"backend {jax.default_backend()}" in table and "preset 'tiny', 6 steps" in table
+  ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+  assert f"| sr_ste_2of4 | {rows[1]['tokens_per_s']:,.0f} | {ratio:.3f}x |" in table
+  assert "| dense |" in table and "| 1.000x |" in table
+  for r in rows:
+    assert 1 < r["eval_perplexity"] < 256 and r["compile_time_s"] > 0
 
 
 def test_cli_rejects_unknown_field_and_overrides_known_ones(tmp_path):

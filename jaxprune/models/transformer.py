@@ -12,7 +12,15 @@ There is no dropout, so a forward pass is a deterministic function of the parame
 Initialisation follows GPT-2: kernels and embeddings ~ N(0, 0.02^2), except the output
 projections of the residual branches (``attention/output``, ``mlp/down``), whose std is
 ``0.02 / sqrt(2 * depth)`` so that the residual stream's variance does not grow with depth;
-biases are zero and LayerNorm scales one. Parameters are float32.
+biases are zero and LayerNorm scales one.
+
+Precision: parameters are stored in ``param_dtype`` (float32 by default) and the
+layers compute in ``dtype`` (float32 by default; ``'bfloat16'`` for mixed precision,
+with float32 parameters as the recipes' ``:small`` and ``:base`` presets use). As is
+standard (e.g. nanoGPT's autocast, MaxText), these stay float32 whatever ``dtype``
+is: the LayerNorm statistics (Flax computes them in float32), the attention scores
+and their softmax (the ``q k^T`` product accumulates in float32), and the output
+head, so that the logits and the loss are float32.
 
 Positions are either learned (a ``pos_embed`` table of ``context`` rows added to the token
 embedding) or rotary (RoPE, Su et al. 2021, https://arxiv.org/abs/2104.09864, applied to q and
@@ -49,14 +57,30 @@ from jaxprune import _checks
 
 POSITIONS = ("learned", "rotary")
 ROPE_BASE = 10_000.0
+#: The floating dtypes a model may compute in or store its parameters in, by name.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _normal(std: float):
   return nnx.initializers.normal(stddev=std)
 
 
-def _check_config(*, vocab_size, context, width, depth, heads, mlp_ratio, positions) -> None:
+def as_dtype(name: str, value) -> jnp.dtype:
+  """``value`` (a name in :data:`DTYPES` or a dtype) as a dtype; raises naming ``name``."""
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in DTYPES:
+    raise ValueError(f"`{name}` must be one of {DTYPES}, got {value!r}.")
+  return dtype
+
+
+def _check_config(*, vocab_size, context, width, depth, heads, mlp_ratio, positions,
+                  dtype="float32", param_dtype="float32") -> None:
   """Raises a ValueError naming the first bad argument; shared by the model and param_count."""
+  as_dtype("dtype", dtype)
+  as_dtype("param_dtype", param_dtype)
   for name, value in [("vocab_size", vocab_size), ("context", context), ("width", width),
                       ("depth", depth), ("heads", heads), ("mlp_ratio", mlp_ratio)]:
     _checks.check_int(name, value, minimum=1)
@@ -102,11 +126,16 @@ def apply_rotary(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) ->
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention; ``query``, ``key``, ``value``, ``output`` are (W, W)."""
+  """Multi-head causal self-attention; ``query``, ``key``, ``value``, ``output`` are (W, W).
 
-  def __init__(self, width: int, heads: int, depth: int, rotary: bool, *, rngs: nnx.Rngs):
+  Scores and softmax in float32 whatever the compute ``dtype`` (module docstring).
+  """
+
+  def __init__(self, width: int, heads: int, depth: int, rotary: bool, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     def linear(std):
-      return nnx.Linear(width, width, kernel_init=_normal(std), rngs=rngs)
+      return nnx.Linear(width, width, kernel_init=_normal(std), dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
 
     self.query, self.key, self.value = linear(0.02), linear(0.02), linear(0.02)
     self.output = linear(0.02 / math.sqrt(2 * depth))  # GPT-2: residual variance ~ constant.
@@ -121,21 +150,24 @@ class CausalSelfAttention(nnx.Module):
     q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
     if self.rotary:
       q, k = apply_rotary(q, jnp.arange(time)), apply_rotary(k, jnp.arange(time))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     causal = jnp.tril(jnp.ones((time, time), bool))  # Query q sees keys k <= q.
     weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     return self.output(y.reshape(batch, time, width))
 
 
 class MLP(nnx.Module):
   """``down(gelu(up(x)))`` with hidden size ``mlp_ratio * width`` (tanh GELU, as GPT-2)."""
 
-  def __init__(self, width: int, mlp_ratio: int, depth: int, *, rngs: nnx.Rngs):
+  def __init__(self, width: int, mlp_ratio: int, depth: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     hidden = mlp_ratio * width
-    self.up = nnx.Linear(width, hidden, kernel_init=_normal(0.02), rngs=rngs)
+    precision = dict(dtype=dtype, param_dtype=param_dtype)
+    self.up = nnx.Linear(width, hidden, kernel_init=_normal(0.02), rngs=rngs, **precision)
     self.down = nnx.Linear(hidden, width, kernel_init=_normal(0.02 / math.sqrt(2 * depth)),
-                           rngs=rngs)
+                           rngs=rngs, **precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.gelu(self.up(x)))
@@ -145,11 +177,12 @@ class Block(nnx.Module):
   """Pre-LayerNorm residual block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
 
   def __init__(self, width: int, heads: int, mlp_ratio: int, depth: int, rotary: bool, *,
-               rngs: nnx.Rngs):
-    self.attention_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
-    self.attention = CausalSelfAttention(width, heads, depth, rotary, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
-    self.mlp = MLP(width, mlp_ratio, depth, rngs=rngs)
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    precision = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attention_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs, **precision)
+    self.attention = CausalSelfAttention(width, heads, depth, rotary, rngs=rngs, **precision)
+    self.mlp_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs, **precision)
+    self.mlp = MLP(width, mlp_ratio, depth, rngs=rngs, **precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attention(self.attention_norm(x))
@@ -169,25 +202,35 @@ class Transformer(nnx.Module):
     heads: attention heads; head dimension ``width // heads``, even with rotary positions.
     mlp_ratio: MLP hidden size over ``width``.
     positions: ``'learned'`` (a ``pos_embed`` table) or ``'rotary'`` (RoPE on q and k).
+    dtype: the compute dtype, a name in :data:`DTYPES` (or the dtype): ``'float32'`` or
+      ``'bfloat16'`` for mixed precision (``'float16'`` has no loss scaling here).
+    param_dtype: the dtype the parameters are stored in (same names).
     rngs: initialisation keys.
   """
 
   def __init__(self, *, vocab_size: int = 256, context: int = 128, width: int = 128,
                depth: int = 2, heads: int = 4, mlp_ratio: int = 4, positions: str = "learned",
-               rngs: nnx.Rngs):
+               dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
     _check_config(vocab_size=vocab_size, context=context, width=width, depth=depth,
-                  heads=heads, mlp_ratio=mlp_ratio, positions=positions)
+                  heads=heads, mlp_ratio=mlp_ratio, positions=positions, dtype=dtype,
+                  param_dtype=param_dtype)
+    precision = dict(dtype=as_dtype("dtype", dtype),
+                     param_dtype=as_dtype("param_dtype", param_dtype))
     self.context = context
-    self.embed = nnx.Embed(vocab_size, width, embedding_init=_normal(0.02), rngs=rngs)
+    self.embed = nnx.Embed(vocab_size, width, embedding_init=_normal(0.02), rngs=rngs,
+                           **precision)
     if positions == "learned":
-      self.pos_embed = nnx.Embed(context, width, embedding_init=_normal(0.02), rngs=rngs)
+      self.pos_embed = nnx.Embed(context, width, embedding_init=_normal(0.02), rngs=rngs,
+                                 **precision)
     else:
       self.pos_embed = None
     rotary = positions == "rotary"
-    self.layers = nnx.List(
-        [Block(width, heads, mlp_ratio, depth, rotary, rngs=rngs) for _ in range(depth)])
-    self.final_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
-    self.head = nnx.Linear(width, vocab_size, kernel_init=_normal(0.02), rngs=rngs)
+    self.layers = nnx.List([Block(width, heads, mlp_ratio, depth, rotary, rngs=rngs, **precision)
+                            for _ in range(depth)])
+    self.final_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs, **precision)
+    # float32 logits (and so loss) whatever the compute dtype.
+    self.head = nnx.Linear(width, vocab_size, kernel_init=_normal(0.02), rngs=rngs,
+                           dtype=jnp.float32, param_dtype=precision["param_dtype"])
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2:
@@ -204,14 +247,16 @@ class Transformer(nnx.Module):
 
 
 def param_count(*, vocab_size: int = 256, context: int = 128, width: int = 128, depth: int = 2,
-                heads: int = 4, mlp_ratio: int = 4, positions: str = "learned") -> int:
+                heads: int = 4, mlp_ratio: int = 4, positions: str = "learned",
+                dtype="float32", param_dtype="float32") -> int:
   """Number of parameters of ``Transformer(**same arguments)``, in closed form.
 
   Lets a scaling sweep pick sizes without building models; the formula is in the module
-  docstring (``heads`` does not change the count, but is validated like the model does).
+  docstring (``heads`` and the dtypes do not change the count, but are validated like the
+  model does).
   """
   _check_config(vocab_size=vocab_size, context=context, width=width, depth=depth, heads=heads,
-                mlp_ratio=mlp_ratio, positions=positions)
+                mlp_ratio=mlp_ratio, positions=positions, dtype=dtype, param_dtype=param_dtype)
   v, w, r = vocab_size, width, mlp_ratio
   block = (4 + 2 * r) * w * w + (9 + r) * w
   positional = context * w if positions == "learned" else 0
