@@ -150,6 +150,9 @@ class SparsitySummary:
         ["total (pruned)", "", f"{self.prunable_nnz}/{self.prunable_size}",
          f"{100 * self.prunable_sparsity:.2f}%", "", nm_text[self.nm_ok], ""],
     ]
+    if self.prunable_size in (0, self.total_size):   # One row says it all.
+      totals = [totals[1] if self.prunable_size else totals[0]]
+      totals[0][0] = "total"
     totals = [t[:len(header)] for t in totals]
     widths = [max(len(c[i]) for c in [header, *lines, *totals]) for i in range(len(header))]
 

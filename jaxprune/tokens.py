@@ -102,6 +102,16 @@ def _tokenizer_facts(path: pathlib.Path) -> tuple[int, np.ndarray]:
   return vocab_size, token_bytes
 
 
+def vocabulary(directory: str | os.PathLike) -> int:
+  """The vocabulary size of the token corpus in ``directory`` (read from its tokenizer only)."""
+  path = pathlib.Path(directory).expanduser() / TOKENIZER_FILE
+  if not path.is_file():
+    raise ValueError(f"{path} is missing. Token files need the tokenizer that made them next to "
+                     "them (write it with scripts/prepare_data.py, or save yours as "
+                     "tokenizer.json).")
+  return _tokenizer_facts(path)[0]
+
+
 # --------------------------------------------------------------------------- #
 # Loading.
 # --------------------------------------------------------------------------- #

@@ -52,6 +52,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 import jaxprune
 from jaxprune import checkpoint as checkpoint_lib
 from jaxprune import data as data_lib
+from jaxprune import tokens as tokens_lib
 from jaxprune.models import transformer
 from jaxprune.train_config import (
     DTYPES,
@@ -105,13 +107,21 @@ __all__ = [
     "leaf_sharding", "learning_rate_schedule", "load_corpus", "load_recipe", "loss_fn",
     "make_mesh", "make_model", "make_optimizer", "make_report", "mfu", "model_flops_per_token",
     "peak_flops", "recipe_names", "report_markdown", "resume", "selection", "setup",
-    "state_shardings", "train",
+    "state_shardings", "train", "TrainingDiverged", "perplexity", "vocab_size", "token_bytes",
 ]
 
 
-def make_model(config) -> transformer.Transformer:
-  return transformer.Transformer(vocab_size=256, **config.model.to_dict(),
-                                 rngs=nnx.Rngs(config.seed))
+def vocab_size(config) -> int:
+  """256 for a byte corpus; the tokenizer's vocabulary for a token corpus (``data.format``)."""
+  if config.data.format != "tokens":
+    return 256
+  return tokens_lib.vocabulary(config.data.path)
+
+
+def make_model(config, vocab: int | None = None) -> transformer.Transformer:
+  """The config's transformer; ``vocab`` defaults to :func:`vocab_size` of the config's data."""
+  return transformer.Transformer(vocab_size=vocab_size(config) if vocab is None else vocab,
+                                 **config.model.to_dict(), rngs=nnx.Rngs(config.seed))
 
 
 def loss_fn(graphdef, params, batch):
@@ -133,10 +143,27 @@ def count_active(params, prunable) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=2)
-def load_corpus(path: str, valid_fraction: float, include_tests: bool) -> data_lib.Corpus:
-  """:func:`jaxprune.data.load_corpus`, read once per process for the same arguments."""
+def load_corpus(path: str, valid_fraction: float, include_tests: bool,
+                format: str = "bytes") -> data_lib.Corpus | tokens_lib.TokenCorpus:  # noqa: A002
+  """The run's corpus, read once per process for the same arguments.
+
+  ``format='bytes'``: :func:`jaxprune.data.load_corpus`; ``'tokens'``:
+  :func:`jaxprune.tokens.load_token_corpus` of the directory ``path`` (its files
+  are checked and fingerprinted; ``valid_fraction`` and ``include_tests`` do not
+  apply, the split is the files').
+  """
+  if format == "tokens":
+    if not path:
+      raise ValueError("`config.data.format='tokens'` needs `config.data.path`: a directory "
+                       "written by scripts/prepare_data.py (train.bin, val.bin, tokenizer.json).")
+    return tokens_lib.load_token_corpus(path)
   return data_lib.load_corpus(path or None, valid_fraction=valid_fraction,
                               include_tests=include_tests)
+
+
+def token_bytes(corpus) -> np.ndarray | None:
+  """Bytes per token id of a token corpus (None for bytes: one byte each)."""
+  return getattr(corpus, "token_bytes", None)
 
 
 @dataclasses.dataclass
@@ -187,14 +214,46 @@ def _check_workdir(workdir: pathlib.Path) -> None:
 
 
 def _read_metrics(path: pathlib.Path) -> list[dict]:
+  """The metric lines of ``path``; a torn or garbled line is dropped with a warning.
+
+  A kill during an append can leave the last line without its end (or, on some
+  file systems, a run of NUL bytes): such lines are not records of a step and
+  are recomputed by the resumed run, which rewrites the file whole.
+  """
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records, dropped = [], []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    if not line.strip("\x00 \t"):
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a metrics record")
+      records.append(record)
+    except ValueError:
+      dropped.append(number)
+  if dropped:
+    warnings.warn(f"{path}: dropped {len(dropped)} torn or unreadable line(s) (line "
+                  f"{', '.join(map(str, dropped[:5]))}); the resumed run recomputes them.",
+                  stacklevel=2)
+  return records
+
+
+def _append_line(path: pathlib.Path, record: dict) -> None:
+  """Appends one whole JSON line and syncs it to disk before the run goes on."""
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
+  with tmp.open("w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -238,15 +297,23 @@ class Setup(NamedTuple):
 def setup(config) -> Setup:
   """Corpus, mesh, model, optimizer and the initial state (params and optimizer state)."""
   start = time.perf_counter()
-  _say(f"loading the corpus ({config.data.path or 'the Python standard library'}) ...")
-  corpus = load_corpus(config.data.path, config.data.valid_fraction, config.data.include_tests)
-  data_lib.check_context(corpus, config.model.context)
-  _say(f"corpus: {corpus.fingerprint['num_files']} files, "
-       f"{corpus.fingerprint['num_bytes'] / 1e6:.1f} MB ({time.perf_counter() - start:.1f} s); "
+  _say(f"loading the corpus ({config.data.path or 'the Python standard library'}, "
+       f"{config.data.format}) ...")
+  corpus = load_corpus(config.data.path, config.data.valid_fraction, config.data.include_tests,
+                       config.data.format)
+  fp = corpus.fingerprint
+  if config.data.format == "tokens":
+    tokens_lib.check_context(corpus, config.model.context)
+    size = (f"{fp['train_tokens'] + fp['valid_tokens']:,} tokens, vocabulary "
+            f"{corpus.vocab_size:,}")
+  else:
+    data_lib.check_context(corpus, config.model.context)
+    size = f"{fp['num_files']} files, {fp['num_bytes'] / 1e6:.1f} MB"
+  _say(f"corpus: {size} ({time.perf_counter() - start:.1f} s); "
        "building the model and the optimizer ...")
   start = time.perf_counter()
   mesh = make_mesh(config)
-  graphdef, params = nnx.split(make_model(config), nnx.Param)
+  graphdef, params = nnx.split(make_model(config, getattr(corpus, "vocab_size", 256)), nnx.Param)
   params = nnx.to_pure_dict(params)
   tx = make_optimizer(config)
   pruned = config.method != "dense"
@@ -290,7 +357,8 @@ def resume(config, config_dict: dict, workdir: pathlib.Path, s: Setup):
       raise ValueError(f"refusing to resume {workdir}: the corpus differs from the "
                        f"checkpoint's ({meta['corpus']} vs {s.corpus.fingerprint}).")
 
-  restored = checkpoint_lib.restore_latest(mngr, abstract, check_meta)
+  restored = checkpoint_lib.restore_latest(mngr, abstract, check_meta,
+                                           required_keys=("config", "corpus", "accumulators"))
   start, state, acc = 0, s.state, Accumulators()
   if restored is not None:
     start, state, meta = restored
@@ -341,14 +409,94 @@ def _window_record(acc, fetched, done, step, schedule, s: Setup, timed_tokens, e
 # --------------------------------------------------------------------------- #
 
 
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; nothing from that point on was saved."""
+
+
+def perplexity(loss: float | None) -> float | None:
+  """``exp(loss)``, and ``inf`` where that overflows a float (loss above ~709.78)."""
+  if loss is None:
+    return None
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return math.inf
+
+
+def _check_finite(what: str, value: float, step: int, config, workdir, saved: int) -> None:
+  if math.isfinite(value):
+    return
+  lr = float(learning_rate_schedule(config)(max(step - 1, 0)))
+  kept = (f"the last good checkpoint (step {saved}) is kept in {workdir}" if saved else
+          "no checkpoint had been written yet")
+  raise TrainingDiverged(
+      f"training diverged: the {what} is {value} at step {step} (learning rate {lr:.3g}); "
+      f"nothing from this step on was saved, and {kept}. Lower `config.optimizer.lr` (now "
+      f"{config.optimizer.lr}) or raise `config.optimizer.warmup_steps`, then resume or start "
+      "a new --workdir.")
+
+
+class _Evaluator(NamedTuple):
+  """Validation loss per token and per byte on fixed batches (see :mod:`jaxprune.tokens`)."""
+
+  batches: np.ndarray
+  bytes_per_target: float     # mean bytes behind a target token of these batches (1 for bytes)
+
+  def __call__(self, s: Setup, params) -> dict:
+    losses = [evaluate_loss(s.graphdef, params, global_batch(b, s.batch_sharding))
+              for b in self.batches]
+    loss = float(np.mean(np.asarray(jax.device_get(losses), np.float64)))
+    per_byte = loss / self.bytes_per_target
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss),
+            "eval_loss_per_byte": per_byte, "eval_bits_per_byte": per_byte / math.log(2)}
+
+
+def _evaluator(config, corpus) -> _Evaluator:
+  batches = data_lib.eval_batches(corpus.valid, batch_size=config.batch_size,
+                                  context=config.model.context, num_batches=config.eval_batches)
+  widths = token_bytes(corpus)
+  per_target = 1.0 if widths is None else float(np.mean(widths[batches[..., 1:]]))
+  return _Evaluator(batches, per_target)
+
+
+def _eta(acc, done: int, total: int, tokens_per_step: int) -> str:
+  if not acc.train_time or not acc.timed_tokens:
+    return "?"
+  seconds = (total - done) * tokens_per_step * acc.train_time / acc.timed_tokens
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _log(done: int, config, last: dict, acc, tokens_per_step: int, bar: bool) -> None:
+  """The progress bar on a terminal; else one plain line per log window (SLURM, nohup, CI)."""
+  if not (config.progress and _is_primary()):
+    return
+  rate = last.get("tokens_per_s")
+  parts = [f"loss {last.get('train_loss', float('nan')):.4f}"]
+  if "eval_loss" in last:
+    parts.append(f"eval {last['eval_loss']:.4f}")
+  parts += [f"sparsity {last.get('sparsity', 0.0):.1%}",
+            f"{rate / 1e3:,.1f}k tok/s" if rate else "- tok/s",
+            f"ETA {_eta(acc, done, config.steps, tokens_per_step)}"]
+  if bar:
+    _progress(done, config.steps, " | ".join(parts), True)
+  else:
+    print(f"jaxprune: step {done}/{config.steps} " + " | ".join(parts), file=sys.stderr,
+          flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the report."""
+  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the report.
+
+  Nothing is written before the config, the corpus, the model and the optimizer
+  are known to be valid. A NaN or infinite loss stops the run with
+  :class:`TrainingDiverged` before anything of that step is saved.
+  """
   check_config(config)
   workdir = pathlib.Path(workdir)
-  _check_workdir(workdir)
   config_dict = json.loads(config.to_json())
   with compilation_cache(config.compilation_cache) as cache:
     s = setup(config)
+    _check_workdir(workdir)
     start, state, acc, kept, mngr = resume(config, config_dict, workdir, s)
 
     def batch_at(step):
@@ -362,20 +510,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       train_step, compile_s = compile_step(s, state, batch_at(start))
       _say(f"compiled in {compile_s:.1f} s; training steps {start + 1}..{config.steps}")
       acc.wall_time += compile_s
-    valid_batches = data_lib.eval_batches(s.corpus.valid, batch_size=config.batch_size,
-                                          context=config.model.context,
-                                          num_batches=config.eval_batches)
-
-    def evaluate(params) -> float:
-      losses = [evaluate_loss(s.graphdef, params, global_batch(b, s.batch_sharding))
-                for b in valid_batches]
-      return float(np.mean(np.asarray(jax.device_get(losses), np.float64)))
-
+    evaluate = _evaluator(config, s.corpus)
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.batch_size * config.model.context
-    show = config.progress and sys.stderr.isatty() and _is_primary()
+    bar = sys.stderr.isatty()
     metrics_path = workdir / "metrics.jsonl"
     pending, last = [], (kept[-1] if kept else {})   # A finished run only re-reports.
+    saved = start
     mark = time.perf_counter()
     for step in range(start, config.steps):
       state, out = train_step(state, batch_at(step))
@@ -395,36 +536,60 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         continue
       fetched = jax.device_get(pending)   # One host sync per logged window, not per step.
       pending = []
+      for k, o in enumerate(fetched):
+        _check_finite("train loss", float(o["loss"]), done - len(fetched) + k + 1, config,
+                      workdir, saved)
       elapsed = time.perf_counter() - mark
       acc.add(fetched, elapsed, timed_steps * tokens_per_step, len(fetched) * tokens_per_step)
       if is_log or is_eval:
         last = _window_record(acc, fetched, done, step, schedule, s,
                               timed_steps * tokens_per_step, elapsed)
         if is_eval:
-          last["eval_loss"] = evaluate(state["params"])
-          last["eval_perplexity"] = math.exp(last["eval_loss"])
+          last.update(evaluate(s, state["params"]))
+          _check_finite("validation loss", last["eval_loss"], done, config, workdir, saved)
         if _is_primary():
-          with metrics_path.open("a") as f:
-            f.write(json.dumps(last) + "\n")
+          _append_line(metrics_path, last)
+        _log(done, config, last, acc, tokens_per_step, bar)
       acc.wall_time += time.perf_counter() - mark - elapsed
       if is_ckpt:
         save_start = time.perf_counter()
         meta = {"config": config_dict, "corpus": s.corpus.fingerprint,
                 "accumulators": dataclasses.asdict(acc), "data_position": done}
         checkpoint_lib.save(mngr, done, state, meta)
+        saved = done
         acc.wall_time += time.perf_counter() - save_start
-      _progress(done, config.steps, f"loss {last.get('train_loss', float('nan')):.3f}", show)
       mark, timed_steps = time.perf_counter(), 0
+    mngr.close()
+    if "eval_loss" not in last:   # A finished run whose metrics.jsonl was lost: recompute.
+      last = _recovered(s, state, evaluate, config.steps)
     return _finish(config, config_dict, workdir, s, state, acc, last, compile_s)
+
+
+def _recovered(s: Setup, state, evaluate, steps: int) -> dict:
+  """The final record of a finished run rebuilt from its checkpoint (its metrics log is gone)."""
+  _say("metrics.jsonl has no final record: the final evaluation and parameter count are "
+       "recomputed from the checkpoint; the last window's train loss cannot be recovered.")
+  active = int(jax.device_get(count_active(state["params"], s.prunable)))
+  record = {"step": steps, "n_active": active, "recovered": True,
+            "unrecoverable": ["final_train_loss", "learning_rate"],
+            "sparsity": (s.total_params - active) / s.prunable_size if s.prunable_size else 0.0}
+  record.update(evaluate(s, state["params"]))
+  return record
 
 
 def _finish(config, config_dict, workdir, s: Setup, state, acc, last, compile_s) -> dict:
   """Writes ``report.json`` and ``report.md``; returns the report."""
   report = make_report(config, config_dict, state["params"], s.corpus, acc, s.total_params,
-                       last, s.pruned, compile_s)
+                       last, s.pruned, compile_s, opt_state=state["opt_state"])
   if config.quant.format:   # Entries that could not land on the quantization grid (see qat).
     report["quant_corrections"] = int(jaxprune.quantization_corrections(state["opt_state"]))
   if _is_primary():
     _write_atomic(workdir / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(workdir / "report.md", report_markdown(report))
   return report
+
+
+if __name__ == "__main__":   # python -m jaxprune.train: the command line of jaxprune.cli.
+  from jaxprune import cli
+
+  cli.run()

@@ -25,6 +25,7 @@ fractions of the preset's run.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import pathlib
 
@@ -34,6 +35,8 @@ METHODS = ("dense", "gmp", "static_random", "set", "rigl", "nm_asp", "ste", "sr_
            "gradient_flow")
 #: Dtype names for ``model.dtype`` (compute) and ``model.param_dtype`` (storage).
 DTYPES = ("float32", "bfloat16")
+#: ``data.format``: a byte corpus, or a token corpus directory (:mod:`jaxprune.tokens`).
+DATA_FORMATS = ("bytes", "tokens")
 PRESETS = ("", "tiny", "bf16", "small", "base")
 # Fields that may change between a run and its resumption: logging and checkpoint cadence
 # (no change to the result), the mesh (a resume on other hardware; the result then
@@ -53,7 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       context=64, width=128, depth=2, heads=4, mlp_ratio=4, positions="learned",
       dtype="float32", param_dtype="float32"))
-  c.data = ml_collections.ConfigDict(dict(path="", valid_fraction=0.05, include_tests=False))
+  # format 'bytes': the text under `path` (default: the Python standard library) as bytes;
+  # 'tokens': a token corpus directory (scripts/prepare_data.py, jaxprune.tokens) at `path`.
+  c.data = ml_collections.ConfigDict(dict(path="", valid_fraction=0.05, include_tests=False,
+                                          format="bytes"))
   # AdamW with linear warmup and cosine decay to lr * final_lr_fraction.
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.99, weight_decay=0.1,
@@ -144,13 +150,8 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   return config
 
 
-def _recipes_dir() -> pathlib.Path:
-  """The checkout's ``recipes/`` (an editable install), else ``./recipes``."""
-  beside = pathlib.Path(__file__).resolve().parents[1] / "recipes"
-  return beside if beside.is_dir() else pathlib.Path.cwd() / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+#: The recipes shipped with the package (``jaxprune/recipes/``; ``recipes/`` in a checkout).
+RECIPES_DIR = pathlib.Path(__file__).resolve().parent / "recipes"
 
 
 def recipe_names(directory: str | os.PathLike = RECIPES_DIR) -> list[str]:
@@ -158,11 +159,20 @@ def recipe_names(directory: str | os.PathLike = RECIPES_DIR) -> list[str]:
   return sorted(p.stem for p in pathlib.Path(directory).glob("*.py") if not p.stem.startswith("_"))
 
 
+def recipe_path(name: str, directory: str | os.PathLike = RECIPES_DIR) -> pathlib.Path | None:
+  """The file of recipe ``name`` (a path to a ``.py`` file, or a name in ``directory``)."""
+  path = pathlib.Path(name)
+  if path.suffix == ".py":
+    return path if path.is_file() else None
+  path = pathlib.Path(directory) / f"{name}.py"
+  return path if path.is_file() and not name.startswith("_") else None
+
+
 def load_recipe(name: str, preset: str = "", *,
                 directory: str | os.PathLike = RECIPES_DIR) -> ml_collections.ConfigDict:
   """``get_config(preset)`` of ``recipes/<name>.py`` (or of a ``.py`` path)."""
-  path = pathlib.Path(name) if name.endswith(".py") else pathlib.Path(directory) / f"{name}.py"
-  if not path.is_file():
+  path = recipe_path(name, directory)
+  if path is None:
     raise ValueError(f"unknown recipe {name!r}; valid recipes in {directory}: "
                      f"{recipe_names(directory)}.")
   spec = importlib.util.spec_from_file_location(f"jaxprune_recipe_{path.stem}", path)
@@ -171,28 +181,96 @@ def load_recipe(name: str, preset: str = "", *,
   return module.get_config(preset)
 
 
+def _number(x) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+# (field, predicate, the allowed values in words). Checked in order, before anything is built:
+# a value outside these ranges would crash later, or silently turn the method off (an ASP
+# mask at 150% of training is never applied; a DST end before the start never moves a weight).
+_RULES = (
+    ("steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("eval_every", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("eval_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("log_every", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("keep_checkpoints", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("checkpoint_every", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never save)"),
+    ("peak_flops", lambda v: _number(v) and v >= 0,
+     "a number >= 0 (FLOP/s of one device; 0: look the device up)"),
+    ("sparsity", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("n", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("m", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("one_shot_fraction", lambda v: _number(v) and 0 <= v < 1,
+     "a fraction of training in [0, 1) (at 1 or later the mask is never applied)"),
+    ("sr_ste_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("step_t_max_fraction", lambda v: _number(v) and 0 < v <= 1,
+     "a fraction of training in (0, 1]"),
+    ("prune.begin_fraction", lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
+    ("prune.end_fraction", lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    ("prune.frequency", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("prune.power", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("dst.drop_fraction", lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("dst.update_every", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("dst.end_fraction", lambda v: _number(v) and 0 < v <= 1,
+     "a fraction of training in (0, 1] (at 0 or below no connection ever moves)"),
+    ("gradient_flow.dense_fraction", lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
+    ("gradient_flow.finetune_fraction", lambda v: _number(v) and 0 <= v < 1,
+     "a fraction in [0, 1)"),
+    ("gradient_flow.coef", lambda v: v is None or (_number(v) and v > 0),
+     "a number > 0, or None (scaled to the sparse window)"),
+    ("optimizer.lr", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("optimizer.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("optimizer.final_lr_fraction", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("optimizer.b1", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optimizer.b2", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("optimizer.grad_clip", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("data.valid_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("data.format", lambda v: v in DATA_FORMATS, f"one of {DATA_FORMATS}"),
+    ("model.dtype", lambda v: v in DTYPES, f"one of {DTYPES}"),
+    ("model.param_dtype", lambda v: v in DTYPES, f"one of {DTYPES}"),
+)
+
+
+def _value(config, name: str):
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
 def check_config(config) -> None:
-  """Errors that should stop a run before anything is built or written."""
+  """Errors that should stop a run before anything is built or written.
+
+  Every field is checked against its range (:data:`_RULES`), and the fields that
+  work together: ``n <= m``, a GMP ramp that begins before it ends, gradient
+  flow's dense and fine-tune phases that leave room for the sparse window.
+  """
   valid = set(default_config().keys())
   unknown = sorted(set(config.keys()) - valid)
   if unknown:
     raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(valid)}.")
   if config.method not in METHODS:
     raise ValueError(f"`config.method` must be one of {METHODS}, got {config.method!r}.")
-  for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
-               "keep_checkpoints"):
-    if not (isinstance(config[name], int) and config[name] >= 1):
-      raise ValueError(f"`config.{name}` must be an integer >= 1, got {config[name]!r}.")
-  if not (isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0):
-    raise ValueError("`config.checkpoint_every` must be an integer >= 0 (0: never save), got "
-                     f"{config.checkpoint_every!r}.")
-  for name in ("dtype", "param_dtype"):
-    if config.model.get(name) not in DTYPES:
-      raise ValueError(f"`config.model.{name}` must be one of {DTYPES}, "
-                       f"got {config.model.get(name)!r}.")
-  if not (isinstance(config.peak_flops, int | float) and config.peak_flops >= 0):
-    raise ValueError(f"`config.peak_flops` must be a number >= 0 (FLOP/s of one device; "
-                     f"0: look the device up), got {config.peak_flops!r}.")
+  for name, ok, allowed in _RULES:
+    value = _value(config, name)
+    if not ok(value):
+      raise ValueError(f"`config.{name}` must be {allowed}, got {value!r}.")
+  if config.n > config.m:
+    raise ValueError(f"`config.n` must be in [1, config.m] = [1, {config.m}], got {config.n}.")
+  if config.prune.begin_fraction >= config.prune.end_fraction:
+    raise ValueError(f"`config.prune.begin_fraction` ({config.prune.begin_fraction}) must be "
+                     f"below `config.prune.end_fraction` ({config.prune.end_fraction}).")
+  g = config.gradient_flow
+  if g.dense_fraction + g.finetune_fraction >= 1:
+    raise ValueError(f"`config.gradient_flow.dense_fraction` + `finetune_fraction` = "
+                     f"{g.dense_fraction + g.finetune_fraction} must be below 1: nothing is "
+                     "left for the sparse window.")
 
 
 def _default_at(name: str):

@@ -22,7 +22,6 @@ x devices), against the *bfloat16 dense* peak of the device from
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import jaxprune
+from jaxprune import data as data_lib
 from jaxprune.models import transformer
 from jaxprune.train_methods import selection
 
@@ -90,8 +90,59 @@ def _throughput(config, acc) -> dict:
           "mfu": mfu(flops, tokens_per_s, peak, jax.device_count())}
 
 
+#: Validation perplexity of ``recipes/dense.py`` at the recipes' default size on README's corpus
+#: (:data:`jaxprune.data.README_CORPUS`): the baseline every recipe's row in README compares
+#: with. Keyed by the fields that decide it; a run that matches them all gets a comparison line.
+DENSE_BASELINES = (
+    ({"model": {"context": 64, "width": 128, "depth": 2, "heads": 4, "mlp_ratio": 4,
+                "positions": "learned"},
+      "steps": 800, "batch_size": 32, "seed": 0, "data": {"format": "bytes"}}, 4.994),
+)
+
+
+def _matches(config_dict: dict, want: dict) -> bool:
+  for key, value in want.items():
+    have = config_dict.get(key)
+    if isinstance(value, dict):
+      if not isinstance(have, dict) or not _matches(have, value):
+        return False
+    elif have != value:
+      return False
+  return True
+
+
+def dense_baseline(config_dict: dict, fingerprint: dict) -> float | None:
+  """README's dense perplexity for this run's size and corpus, when README has one."""
+  if data_lib.readme_comparison(fingerprint) is not None:
+    return None
+  for want, ppl in DENSE_BASELINES:
+    if _matches(config_dict, want):
+      return ppl
+  return None
+
+
+def _notes(config, config_dict, corpus, last, opt_state) -> list[str]:
+  """Sentences for the report: corpus, baseline, STEP's phase, recovered figures."""
+  notes = []
+  readme = data_lib.readme_comparison(corpus.fingerprint)
+  if readme:
+    notes.append(readme)
+  baseline = dense_baseline(config_dict, corpus.fingerprint)
+  if baseline and last.get("eval_perplexity") and config.method != "dense":
+    ppl = last["eval_perplexity"]
+    notes.append(f"Dense recipe at this size and corpus (README): perplexity {baseline:.3f}; "
+                 f"this run: {ppl:.3f} ({ppl / baseline:.3f}x).")
+  if config.method == "step" and opt_state is not None:
+    notes.append(jaxprune.step_status(opt_state))
+  if last.get("recovered"):
+    notes.append("metrics.jsonl was missing: the final evaluation and parameter count were "
+                 "recomputed from the checkpoint; not recoverable: "
+                 + ", ".join(last.get("unrecoverable", [])) + ".")
+  return notes
+
+
 def make_report(config, config_dict, params, corpus, acc, total_params, last, pruned,
-                compile_time_s=None) -> dict:
+                compile_time_s=None, opt_state=None) -> dict:
   """The report of a finished run (``report.json``)."""
   nm = (config.n, config.m) if config.method in METHODS_NM else None
   # Every process calls this; a 'model' axis may span processes, so gather before fetching.
@@ -103,9 +154,11 @@ def make_report(config, config_dict, params, corpus, acc, total_params, last, pr
   return {
       "method": config.method,
       "steps": config.steps,
+      "data_format": config.data.format,
       "eval_loss": last.get("eval_loss"),
       "eval_perplexity": last.get("eval_perplexity"),
-      "eval_bits_per_byte": last["eval_loss"] / math.log(2) if "eval_loss" in last else None,
+      "eval_loss_per_byte": last.get("eval_loss_per_byte"),
+      "eval_bits_per_byte": last.get("eval_bits_per_byte"),
       "final_train_loss": last.get("train_loss"),
       "params_total": total_params,
       "params_nonzero": nonzero,
@@ -121,21 +174,52 @@ def make_report(config, config_dict, params, corpus, acc, total_params, last, pr
       "devices": jax.device_count(),
       "sparsity_table": summary.as_dict(),
       "sparsity_table_text": summary.table(),
+      "notes": _notes(config, config_dict, corpus, last, opt_state),
       "config": config_dict,
   }
 
 
-def report_markdown(report: dict) -> str:
-  keys = ("method", "steps", "eval_loss", "eval_perplexity", "eval_bits_per_byte",
-          "params_total", "params_nonzero", "params_active_mean", "prunable_sparsity",
-          "nm_valid", "tokens_seen", "tokens_per_s", "model_flops_per_token", "mfu",
-          "wall_time_s", "compile_time_s", "devices", "device_kind")
+_COUNTS = ("steps", "params_total", "params_nonzero", "params_active_final", "tokens_seen",
+           "model_flops_per_token", "devices")
+
+
+def _cell(key: str, value) -> str:
+  if value is None:
+    return "-"
+  if key in _COUNTS or key == "params_active_mean":
+    return f"{round(value):,}"
+  if key in ("prunable_sparsity", "mfu"):
+    return f"{100 * value:.2f}%"
+  if key == "tokens_per_s":
+    return f"{value:,.0f}"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def report_markdown(report: dict, *, with_config: bool = True) -> str:
+  """``report.md``: the figures, notes, the sparsity table and (in the file) the config.
+
+  ``with_config=False`` leaves the config out, for the terminal: it is in
+  ``report.json`` and ``report.md``.
+  """
+  keys = ["method", "steps", "eval_loss", "eval_perplexity", "eval_loss_per_byte",
+          "eval_bits_per_byte", "params_total", "params_nonzero", "params_active_mean",
+          "prunable_sparsity", "nm_valid", "tokens_seen", "tokens_per_s",
+          "model_flops_per_token", "mfu", "wall_time_s", "compile_time_s", "devices",
+          "device_kind"]
+  if report.get("nm_valid") is None:
+    keys.remove("nm_valid")
+  if report.get("data_format", "bytes") == "bytes":   # Per token is per byte.
+    keys.remove("eval_loss_per_byte")
   lines = ["# jaxprune training report", "", "| quantity | value |", "|---|---|"]
-  for k in keys:
-    v = report.get(k)
-    lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+  lines += [f"| {k} | {_cell(k, report.get(k))} |" for k in keys]
+  notes = report.get("notes") or []
+  if notes:
+    lines += [""] + [f"* {n}" for n in notes]
   fp = report["corpus"]
   lines += ["", f"Corpus: {json.dumps(fp)}", "", "## Sparsity per layer", "", "```",
-            report["sparsity_table_text"], "```", "", "## Config", "", "```json",
-            json.dumps(report["config"], indent=2), "```", ""]
+            report["sparsity_table_text"], "```", ""]
+  if with_config:
+    lines += ["## Config", "", "```json", json.dumps(report["config"], indent=2), "```", ""]
   return "\n".join(lines)
