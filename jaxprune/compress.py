@@ -100,6 +100,7 @@ import numpy as np
 
 from jaxprune import _checks, quant
 from jaxprune import masks as masks_lib
+from jaxprune import quant_bits as qb
 from jaxprune import selection as selection_lib
 from jaxprune.pruning import as_selection
 
@@ -121,7 +122,9 @@ def uniform_quantize(x: jax.Array, step: float) -> jax.Array:
   Its gradient is zero almost everywhere (no straight-through estimator).
   """
   x = jnp.asarray(x)
-  return (jnp.round(x / step) * step).astype(x.dtype)
+  # float32: a correctly rounded division on every backend (XLA may multiply by 1 / step).
+  q = qb.divide(x, step) if x.dtype == jnp.float32 else x / step
+  return (jnp.round(q) * step).astype(x.dtype)
 
 
 def _resolve_fmt(fmt: FormatLike) -> quant.Format | Quantizer | None:

@@ -160,12 +160,13 @@ import optax
 
 from jaxprune import _checks, pruning, quant
 from jaxprune import masks as masks_lib
+from jaxprune import quant_bits as qb
 from jaxprune.compress import ORDERS, _check_nm
 from jaxprune.straight_through import (
-    MasterWeightsState,
-    ViewTransformation,
-    _state_chain,
-    master_weight_transform,
+  MasterWeightsState,
+  ViewTransformation,
+  _state_chain,
+  master_weight_transform,
 )
 
 _MAG = np.int32(0x7FFFFFFF)
@@ -202,9 +203,8 @@ def _plus_zero(x: jax.Array) -> jax.Array:
 
 
 def _snap(s: jax.Array, bits: int) -> jax.Array:
-  """``s > 0`` rounded to ``bits`` significant bits, half to even (exact scalings by 2^k)."""
-  m, k = jnp.frexp(s)  # s = m 2^k, m in [0.5, 1)
-  return jnp.ldexp(jnp.round(jnp.ldexp(m, bits)), k - bits)
+  """``s > 0`` rounded to ``bits`` significant bits, half to even (on the integer significand)."""
+  return qb.round_to_significant_bits(s, bits)
 
 
 def _snapped_top(g: jax.Array, max_normal: float, bits: int) -> jax.Array:
@@ -220,8 +220,9 @@ def _snapped_top(g: jax.Array, max_normal: float, bits: int) -> jax.Array:
   amax = jnp.where(finite, amax, 0x3F800000)
   # In units of 2^floor(log2 amax), as quantize computes, so that tiny groups keep a normal
   # scale; on the bits, since CPUs flush subnormals. One value per group.
-  unit_scale = quant._divide(quant._mantissa(amax), max_normal)
-  top = _bits(quant._ldexp(max_normal * _snap(unit_scale, bits), quant._floor_log2(amax)))
+  unit_scale = qb.divide(qb.mantissa(amax), max_normal)
+  # max_normal * s~ is exact: it has at most 22 significant bits (scale_bits).
+  top = _bits(qb.ldexp(max_normal * _snap(unit_scale, bits), qb.floor_log2(amax)))
   clipped = jnp.where(mag == amax, top, jnp.minimum(mag, top)) | (_bits(g) & ~_MAG)
   return jax.lax.bitcast_convert_type(jnp.where(finite, clipped, _bits(g)), jnp.float32)
 
@@ -266,10 +267,11 @@ def snapped_quantize(
 def _lands(p: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
   """Whether ``p + u`` is ``v``, computed as ``optax.apply_updates`` will.
 
-  The barrier keeps XLA from simplifying ``p + (v - p)``; bit patterns are compared
-  so that subnormals count (CPUs flush them in arithmetic). NaN views count as landed.
+  The sum is IEEE's, computed on integers (:func:`jaxprune.quant_bits.add`): a
+  fast-math compiler could simplify a float ``p + (v - p)`` to ``v``, and CPUs flush
+  subnormals in float arithmetic. NaN views count as landed.
   """
-  return (_bits(jax.lax.optimization_barrier(p) + u) == _bits(v)) | jnp.isnan(v)
+  return (_bits(qb.add(p, u)) == _bits(v)) | jnp.isnan(v)
 
 
 def _exponent(b: jax.Array) -> jax.Array:
@@ -296,12 +298,12 @@ def _rescaled(v: jax.Array, p: jax.Array, spec) -> jax.Array:
   ``quantize`` of the result has the same codes and the new scale.
   """
   top = _group_max(_bits(v) & _MAG, spec)
-  scale = quant._divide(jax.lax.bitcast_convert_type(top, jnp.float32), spec.fmt.max_normal)
-  codes = quant._divide(v, jnp.where(top == 0, 1.0, scale))
+  scale = qb.divide(jax.lax.bitcast_convert_type(top, jnp.float32), spec.fmt.max_normal)
+  codes = qb.divide(v, jnp.where(top == 0, 1.0, scale))
   largest = jnp.maximum(top, _group_max(_bits(p) & _MAG, spec))
   lattice = jnp.minimum(_exponent(largest) - 21, -_group_max(-_lowest_bit_exponent(p), spec))
   lattice = jnp.clip(lattice, -126, 127)
-  coarse = jnp.ldexp(jnp.round(jnp.ldexp(scale, -lattice)), lattice)
+  coarse = qb.round_to_multiple(scale, lattice)
   return _plus_zero(codes * coarse)
 
 
