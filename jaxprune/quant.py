@@ -98,19 +98,31 @@ every family. For MX this is what the reference does (``amax`` is NaN or inf,
 the shared exponent becomes NaN); for int and FP8 an infinite ``amax`` would
 otherwise make ``s`` infinite and silently zero the rest of the group.
 
-Arithmetic
-----------
+Arithmetic: the same bits on every backend
+------------------------------------------
 Everything is computed in float32: bfloat16, float16, float64 and FP8 inputs
-are cast to float32 and the result is cast back (rounding to nearest; MX
-results of bfloat16 inputs stay exact outside bfloat16's subnormal range,
-int/FP8 results ``n * s`` are generally rounded). Exponents, multiplications
-by powers of two and the max reductions are done on the float32 bit patterns,
-so float32 subnormal inputs and outputs are exact even on XLA:CPU, which flushes
-subnormals to zero in float arithmetic. For the same reason int and FP8 groups
-are first scaled by ``2^-floor(log2 amax)`` (exactly), which changes no result
-while ``s`` and ``n * s`` are normal and keeps ``s`` normal for tiny groups.
-Divisions are correctly rounded: XLA's rewrite of a division by a broadcast
-into a multiplication by the reciprocal is blocked.
+are cast to float32 and the result is rounded back to nearest (bfloat16 on the
+bits). XLA on GPUs and TPUs (and XLA:CPU with fast math) may divide by
+multiplying with an approximate reciprocal, flushes subnormals and converts to
+FP8 through float16, so no rounding decision here is left to float arithmetic
+(:mod:`jaxprune.quant_bits`): divisions are correctly rounded on integer
+significands, rounding to an element grid is an integer shift with round half to
+even (:mod:`jaxprune.quant_elements`), exponents, multiplications by powers of
+two and the max reductions are done on the bit patterns, and the only float
+operations left are products and sums whose IEEE result is the same everywhere
+(``n * s`` of normal numbers). Float32 subnormal inputs and outputs are therefore
+exact too. Int and FP8 groups are first scaled by ``2^-floor(log2 amax)``
+(exactly), which changes no result while ``s`` and ``n * s`` are normal and
+keeps ``s`` normal for tiny groups.
+
+bfloat16 inputs: MX results are bfloat16 values (at most 8 significant bits)
+outside bfloat16's subnormal range, so they are exact. Int and FP8 results
+``n * s`` are rounded to bfloat16, and the symmetric formats still satisfy
+``Q(Q(x)) == Q(x)`` in bfloat16 (bit for bit, normal range): ``amax`` is a
+bfloat16 value, ``bf16(fl32(q_max * fl32(amax / q_max))) = amax``, so ``Q(x)``
+has the same ``amax`` and scale ``s``; each ``bf16(n s) / s`` is within a
+relative ``2^-8`` of ``n`` (``|n| <= 127``; FP8 elements are ``2^-4`` apart
+relatively), so it rounds back to ``n``.
 
 References: OCP Microscaling Formats (MX) v1.0 Specification (2023);
 OCP 8-bit Floating Point Specification (OFP8) v1.0 (2023);
@@ -127,6 +139,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxprune import quant_bits as qb
 from jaxprune import quant_blocks, quant_scaled
 from jaxprune.quant_blocks import LOG2_ROUND_UP as _LOG2_ROUND_UP  # noqa: F401
 from jaxprune.quant_formats import FORMATS, Format, get_format, int_format
@@ -213,6 +226,8 @@ def _fake_quantize(x: jax.Array, spec: _Spec) -> jax.Array:
     fn = functools.partial(quant_scaled.absmax, fmt=spec.fmt)
   else:
     fn = functools.partial(quant_scaled.affine, fmt=spec.fmt)
+  if x.dtype == jnp.bfloat16:
+    return qb.to_bfloat16(_grouped(fn, qb.from_bfloat16(x), spec))
   return _grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
 
 

@@ -245,6 +245,16 @@ def to_bfloat16(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(out.astype(jnp.uint16), jnp.bfloat16)
 
 
+def from_bfloat16(x: jax.Array) -> jax.Array:
+  """bfloat16 to float32 on the bits: exact, and it reads the bfloat16 value itself.
+
+  (XLA may keep a bfloat16 intermediate in float32 inside a fusion,
+  ``xla_allow_excess_precision``; a bitcast needs the rounded bits.)
+  """
+  b = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.int32)
+  return from_bits(b << 16)
+
+
 def with_sign(magnitude: jax.Array, negative: jax.Array) -> jax.Array:
   """``magnitude`` (a float32 ``>= 0``) with its sign bit set where ``negative``."""
   return from_bits(bits(magnitude) | jnp.where(negative, SIGN, np.int32(0)))
