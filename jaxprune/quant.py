@@ -144,8 +144,8 @@ from jaxprune import quant_blocks, quant_scaled
 from jaxprune.quant_blocks import LOG2_ROUND_UP as _LOG2_ROUND_UP  # noqa: F401
 from jaxprune.quant_formats import FORMATS, Format, get_format, int_format
 
-__all__ = ["FORMATS", "GRANULARITIES", "MX_BLOCK_SIZE", "Format", "get_format", "int_format",
-           "quantize"]
+__all__ = ["FORMATS", "GRANULARITIES", "MX_BLOCK_SIZE", "Format", "Spec", "get_format",
+           "grouped", "int_format", "make_spec", "quantize"]
 
 MX_BLOCK_SIZE = 32
 GRANULARITIES = ("tensor", "channel", "block")
@@ -154,7 +154,9 @@ GRANULARITIES = ("tensor", "channel", "block")
 # ---------------------------------------------------------------------------
 # Argument checks, grouping and the public function.
 # ---------------------------------------------------------------------------
-class _Spec(NamedTuple):
+class Spec(NamedTuple):
+  """Resolved settings of one ``quantize`` call (see :func:`make_spec`)."""
+
   fmt: Format
   granularity: str
   axis: int
@@ -162,7 +164,12 @@ class _Spec(NamedTuple):
   symmetric: bool
 
 
-def _spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> _Spec:
+def make_spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> Spec:
+  """The :class:`Spec` of ``quantize(x, fmt, ...)`` for an ``x`` of ``shape`` and ``dtype``.
+
+  Resolves the defaults (MX blocks of ``MX_BLOCK_SIZE``, a non-negative ``axis``) and
+  raises the ``ValueError`` s that :func:`quantize` documents.
+  """
   fmt = get_format(fmt)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"quantize expects floating-point input, got dtype {dtype}.")
@@ -202,11 +209,11 @@ def _spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> _Spec:
         f"`block_size`={block_size} must divide the size {size} of `axis`={axis} "
         f"(shape {shape}).")
     axis = int(axis) % len(shape)
-  return _Spec(fmt, granularity, axis, 0 if block_size is None else int(block_size),
-               bool(symmetric))
+  return Spec(fmt, granularity, axis, 0 if block_size is None else int(block_size),
+              bool(symmetric))
 
 
-def _grouped(fn, x: jax.Array, spec: _Spec) -> jax.Array:
+def grouped(fn, x: jax.Array, spec: Spec) -> jax.Array:
   """Applies ``fn`` to ``x`` laid out as groups along a last axis, and lays it back."""
   if spec.granularity == "tensor":
     return fn(x.reshape(1, -1)).reshape(x.shape)
@@ -217,7 +224,7 @@ def _grouped(fn, x: jax.Array, spec: _Spec) -> jax.Array:
   return jnp.moveaxis(fn(g).reshape(moved), -1, spec.axis)
 
 
-def _fake_quantize(x: jax.Array, spec: _Spec) -> jax.Array:
+def _fake_quantize(x: jax.Array, spec: Spec) -> jax.Array:
   if x.size == 0:
     return x
   if spec.fmt.kind == "mx":
@@ -227,12 +234,12 @@ def _fake_quantize(x: jax.Array, spec: _Spec) -> jax.Array:
   else:
     fn = functools.partial(quant_scaled.affine, fmt=spec.fmt)
   if x.dtype == jnp.bfloat16:
-    return qb.to_bfloat16(_grouped(fn, qb.from_bfloat16(x), spec))
-  return _grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
+    return qb.to_bfloat16(grouped(fn, qb.from_bfloat16(x), spec))
+  return grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _straight_through(x: jax.Array, spec: _Spec) -> jax.Array:
+def _straight_through(x: jax.Array, spec: Spec) -> jax.Array:
   return _fake_quantize(x, spec)
 
 
@@ -281,5 +288,5 @@ def quantize(
       ``granularity`` / ``block_size`` / ``symmetric``.
   """
   x = jnp.asarray(x)
-  spec = _spec(fmt, x.shape, x.dtype, axis, block_size, granularity, symmetric)
+  spec = make_spec(fmt, x.shape, x.dtype, axis, block_size, granularity, symmetric)
   return _straight_through(x, spec)
