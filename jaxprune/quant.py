@@ -98,19 +98,31 @@ every family. For MX this is what the reference does (``amax`` is NaN or inf,
 the shared exponent becomes NaN); for int and FP8 an infinite ``amax`` would
 otherwise make ``s`` infinite and silently zero the rest of the group.
 
-Arithmetic
-----------
+Arithmetic: the same bits on every backend
+------------------------------------------
 Everything is computed in float32: bfloat16, float16, float64 and FP8 inputs
-are cast to float32 and the result is cast back (rounding to nearest; MX
-results of bfloat16 inputs stay exact outside bfloat16's subnormal range,
-int/FP8 results ``n * s`` are generally rounded). Exponents, multiplications
-by powers of two and the max reductions are done on the float32 bit patterns,
-so float32 subnormal inputs and outputs are exact even on XLA:CPU, which flushes
-subnormals to zero in float arithmetic. For the same reason int and FP8 groups
-are first scaled by ``2^-floor(log2 amax)`` (exactly), which changes no result
-while ``s`` and ``n * s`` are normal and keeps ``s`` normal for tiny groups.
-Divisions are correctly rounded: XLA's rewrite of a division by a broadcast
-into a multiplication by the reciprocal is blocked.
+are cast to float32 and the result is rounded back to nearest (bfloat16 on the
+bits). XLA on GPUs and TPUs (and XLA:CPU with fast math) may divide by
+multiplying with an approximate reciprocal, flushes subnormals and converts to
+FP8 through float16, so no rounding decision here is left to float arithmetic
+(:mod:`jaxprune.quant_bits`): divisions are correctly rounded on integer
+significands, rounding to an element grid is an integer shift with round half to
+even (:mod:`jaxprune.quant_elements`), exponents, multiplications by powers of
+two and the max reductions are done on the bit patterns, and the only float
+operations left are products and sums whose IEEE result is the same everywhere
+(``n * s`` of normal numbers). Float32 subnormal inputs and outputs are therefore
+exact too. Int and FP8 groups are first scaled by ``2^-floor(log2 amax)``
+(exactly), which changes no result while ``s`` and ``n * s`` are normal and
+keeps ``s`` normal for tiny groups.
+
+bfloat16 inputs: MX results are bfloat16 values (at most 8 significant bits)
+outside bfloat16's subnormal range, so they are exact. Int and FP8 results
+``n * s`` are rounded to bfloat16, and the symmetric formats still satisfy
+``Q(Q(x)) == Q(x)`` in bfloat16 (bit for bit, normal range): ``amax`` is a
+bfloat16 value, ``bf16(fl32(q_max * fl32(amax / q_max))) = amax``, so ``Q(x)``
+has the same ``amax`` and scale ``s``; each ``bf16(n s) / s`` is within a
+relative ``2^-8`` of ``n`` (``|n| <= 127``; FP8 elements are ``2^-4`` apart
+relatively), so it rounds back to ``n``.
 
 References: OCP Microscaling Formats (MX) v1.0 Specification (2023);
 OCP 8-bit Floating Point Specification (OFP8) v1.0 (2023);
@@ -121,286 +133,30 @@ github.com/microsoft/microxcaling (``mx/mx_ops.py``, ``mx/elemwise_ops.py``).
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxprune import quant_bits as qb
+from jaxprune import quant_blocks, quant_scaled
+from jaxprune.quant_blocks import LOG2_ROUND_UP as _LOG2_ROUND_UP  # noqa: F401
+from jaxprune.quant_formats import FORMATS, Format, get_format, int_format
+
+__all__ = ["FORMATS", "GRANULARITIES", "MX_BLOCK_SIZE", "Format", "Spec", "get_format",
+           "grouped", "int_format", "make_spec", "quantize"]
 
 MX_BLOCK_SIZE = 32
 GRANULARITIES = ("tensor", "channel", "block")
 
 
-class Format(NamedTuple):
-  """A quantization format.
-
-  Attributes:
-    name: its name in ``FORMATS``.
-    kind: ``'int'`` (scaled integer), ``'fp'`` (scaled FP8) or ``'mx'``.
-    bits: storage bits per element, sign included (the MX scale is not counted).
-    ebits: exponent bits of the element (0 for integer elements).
-    mbits: fraction bits of the element: explicit mantissa bits for floats, 6
-      for mxint8's 1.6 fixed point, 0 for integers.
-    emax: ``floor(log2(max_normal))``, the exponent of the largest normal.
-    emin: exponent of the smallest normal (``2 - 2^(ebits-1)``); 0 for integers.
-    max_normal: largest magnitude of the element (``2^(k-1) - 1`` for ``intk``).
-  """
-
-  name: str
-  kind: str
-  bits: int
-  ebits: int
-  mbits: int
-  emax: int
-  emin: int
-  max_normal: float
-
-
-def _float_element(name: str, kind: str, ebits: int, mbits: int, max_normal: float) -> Format:
-  return Format(
-    name, kind, 1 + ebits + mbits, ebits, mbits, math.floor(math.log2(max_normal)),
-    2 - 2 ** (ebits - 1), max_normal)
-
-
-_ALL = (
-  *(Format(f"int{k}", "int", k, 0, 0, k - 2, 0, float(2 ** (k - 1) - 1)) for k in range(2, 9)),
-  _float_element("fp8_e4m3", "fp", 4, 3, 448.0),
-  _float_element("fp8_e5m2", "fp", 5, 2, 57344.0),
-  _float_element("mxfp8_e4m3", "mx", 4, 3, 448.0),
-  _float_element("mxfp8_e5m2", "mx", 5, 2, 57344.0),
-  _float_element("mxfp6_e3m2", "mx", 3, 2, 28.0),
-  _float_element("mxfp6_e2m3", "mx", 2, 3, 7.5),
-  _float_element("mxfp4_e2m1", "mx", 2, 1, 6.0),
-  Format("mxint8", "mx", 8, 0, 6, 0, 0, 127 / 64),
-)
-_BY_NAME = {f.name: f for f in _ALL}
-FORMATS: tuple[str, ...] = tuple(_BY_NAME)
-
-
-def get_format(fmt: str | Format) -> Format:
-  """The ``Format`` called ``fmt``; raises ``ValueError`` listing ``FORMATS`` if none is."""
-  name = fmt.name if isinstance(fmt, Format) else fmt
-  if not isinstance(name, str) or name not in _BY_NAME or (
-      isinstance(fmt, Format) and fmt != _BY_NAME[name]):
-    raise ValueError(f"Unknown format `fmt`={fmt!r}; valid names: {', '.join(FORMATS)}.")
-  return _BY_NAME[name]
-
-
-def int_format(bits: int) -> Format:
-  """The symmetric scaled-integer format with ``bits`` bits, ``2 <= bits <= 8``."""
-  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
-    raise ValueError(f"`bits` must be an integer in [2, 8], got {bits!r}.")
-  return _BY_NAME[f"int{int(bits)}"]
-
-
-# ---------------------------------------------------------------------------
-# float32 bit-level helpers. XLA:CPU treats subnormal float32 operands as zero
-# and flushes subnormal results, so anything that can touch the subnormal range
-# is done on the bit patterns.
-# ---------------------------------------------------------------------------
-_SIGN = np.int32(-(2**31))
-_MAG = np.int32(0x7FFFFFFF)
-_INF_BITS = 0x7F800000
-_MANT = 0x7FFFFF
-_IMPLICIT = 0x800000
-
-
-def _bits(x: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(x, jnp.int32)
-
-
-def _float(b: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(b, jnp.float32)
-
-
-def _msb(m: jax.Array) -> jax.Array:
-  """Index of the most significant set bit of a positive int32 (-1 for 0)."""
-  return 31 - jax.lax.clz(m)
-
-
-def _significand(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(m, lead)`` with ``|x| = m * 2^(max(biased, 1) - 150)`` and ``lead = msb(m)``."""
-  biased = mag >> 23
-  m = jnp.where(biased > 0, (mag & _MANT) | _IMPLICIT, mag)
-  return m, _msb(m)
-
-
-def _floor_log2(mag: jax.Array) -> jax.Array:
-  """Exact ``floor(log2 |x|)`` from the bits ``mag`` of a finite nonzero ``|x|``."""
-  biased = mag >> 23
-  return jnp.where(biased > 0, biased - 127, _msb(mag) - 149)
-
-
-def _mantissa(mag: jax.Array) -> jax.Array:
-  """``|x| / 2^floor(log2 |x|)`` in ``[1, 2)``, also for subnormal ``x``."""
-  m, lead = _significand(mag)
-  return _float(((m << jnp.maximum(23 - lead, 0)) & _MANT) | 0x3F800000)
-
-
-def _pow2(k: jax.Array) -> jax.Array:
-  """``2^k`` as a normal float32, for integer ``-126 <= k <= 127``."""
-  return _float((jnp.clip(k, -126, 127) + 127) << 23)
-
-
-def _ldexp(x: jax.Array, k: jax.Array) -> jax.Array:
-  """``x * 2^k`` rounded to nearest even like IEEE arithmetic, subnormals kept.
-
-  ``jnp.ldexp`` flushes subnormal inputs and results to zero on CPU; this works
-  on the bit patterns instead. NaN and inf pass through; overflow gives inf.
-  """
-  b = _bits(x)
-  sign, mag = b & _SIGN, b & _MAG
-  m, lead = _significand(mag)
-  e = jnp.maximum(mag >> 23, 1) + k  # |x| * 2^k = m * 2^(e - 150)
-  e_normal = e + lead - 23  # biased exponent of the result, if normal
-  normal = (e_normal << 23) | ((m << jnp.maximum(23 - lead, 0)) & _MANT)
-  # Subnormal result: the integer m * 2^(e - 1), i.e. m shifted by e - 1.
-  up = m << jnp.clip(e - 1, 0, 23)
-  shift = jnp.clip(1 - e, 1, 25)
-  kept, rest, half = m >> shift, m & ((1 << shift) - 1), 1 << (shift - 1)
-  down = kept + ((rest > half) | ((rest == half) & ((kept & 1) == 1))).astype(jnp.int32)
-  sub = jnp.where(e >= 1, up, down)
-  out = jnp.where(e_normal >= 1, normal, sub)
-  out = jnp.where(e_normal >= 255, _INF_BITS, out)
-  out = jnp.where(mag == 0, 0, out)
-  out = jnp.where(mag >= _INF_BITS, mag, out)
-  return _float(sign | out)
-
-
-def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``a / b`` correctly rounded (``b`` broadcasts to ``a``'s shape).
-
-  XLA rewrites a division by a constant or a broadcast into a multiplication by
-  its reciprocal, which is off by an ulp. The divisor is made a full array that
-  depends on ``a`` (so that ``vmap`` batches it too) and hidden behind a barrier.
-  """
-  return a / jax.lax.optimization_barrier(a * 0 + b)
-
-
-def _with_sign(magnitude: jax.Array, negative: jax.Array) -> jax.Array:
-  return _float(_bits(magnitude) | jnp.where(negative, _SIGN, np.int32(0)))
-
-
-# ---------------------------------------------------------------------------
-# Element rounding, shared by every format.
-# ---------------------------------------------------------------------------
-def _rint_microxcaling(t: jax.Array) -> jax.Array:
-  """microxcaling's ``round='even'`` for ``t >= 0``: ``floor(t + 1/2) - [t - 1/2 in 2Z]``.
-
-  Evaluated in float32 this is round-half-to-even except at ``t = 1/2 - 2^-25``,
-  where ``t + 1/2`` rounds up to 1.
-  """
-  return jnp.floor(t + 0.5) - (jnp.remainder(t - 0.5, 2.0) == 0).astype(t.dtype)
-
-
-def _round_element(a: jax.Array, fmt: Format, rint=jnp.round) -> jax.Array:
-  """``|a|`` rounded to the element grid of ``fmt`` and saturated at its largest normal.
-
-  ``p = max(floor(log2 |a|), emin)`` for floats (``p = 0`` for integers, whose
-  ``emin`` is 0), ``t = |a| * 2^(mbits - p)`` and the result is
-  ``min(rint(t) * 2^(p - mbits), max_normal)``: the format's nearest value,
-  subnormals included (``rint = jnp.round`` is round-half-to-even).
-  """
-  mag = _bits(a) & _MAG
-  ex = _floor_log2(mag)
-  p = jnp.maximum(ex, fmt.emin) if fmt.ebits else jnp.full_like(ex, fmt.emin)
-  # |t| < 2^-60 rounds to 0 whatever its exact value; the clip keeps t normal.
-  t = _mantissa(mag) * _pow2(jnp.maximum(ex - p + fmt.mbits, -60))
-  q = jnp.minimum(rint(t) * _pow2(p - fmt.mbits), jnp.float32(fmt.max_normal))
-  return jnp.where(mag == 0, 0.0, q)
-
-
-# ---------------------------------------------------------------------------
-# The three families, on arrays of groups: the last axis is one group.
-# ---------------------------------------------------------------------------
-def _log2_round_up_thresholds() -> np.ndarray:
-  """Per float32 binade ``[2^e, 2^(e+1))``, ``e = -149..127``, the bits of the smallest
-  ``x`` in it with ``fl32(log2 x) = e + 1`` (``0x7f800000`` if there is none).
-
-  ``fl32(log2 x) >= k`` iff ``log2 x > k - g/2`` with ``g`` the float32 spacing just
-  below ``k`` (``log2`` of a float32 that is not a power of two is irrational, so
-  there is no tie), i.e. iff ``x > 2^(k - g/2)``.
-  """
-  out = np.full(277, _INF_BITS, np.int32)
-  for e in range(-149, 128):
-    k = e + 1
-    g = k - float(np.nextafter(np.float32(k), np.float32(-np.inf)))
-    bound = math.ldexp(math.exp2(-g / 2), k)
-    c = np.float32(bound)
-    if float(c) <= bound:
-      c = np.nextafter(c, np.float32(np.inf))
-    if float(c) < 2.0**k:
-      out[e + 149] = c.view(np.int32)
-  return out
-
-
-_LOG2_ROUND_UP = _log2_round_up_thresholds()
-
-
-def _mx_shared_exponent(amax_bits: jax.Array, emax: int) -> jax.Array:
-  """``max(floor(fl32(log2 amax)) - emax, -127)`` from the bits of ``amax``."""
-  e = jnp.where(amax_bits == 0, -126, _floor_log2(amax_bits))
-  threshold = jnp.asarray(_LOG2_ROUND_UP)[jnp.clip(e + 149, 0, 276)]
-  e = e + (amax_bits >= threshold).astype(jnp.int32)
-  return jnp.maximum(e - emax, -127)
-
-
-def _mx(g: jax.Array, fmt: Format) -> jax.Array:
-  """MX quantization of blocks ``g[..., :]`` (see the module docstring)."""
-  amax = jnp.max(_bits(g) & _MAG, axis=-1, keepdims=True)
-  e = _mx_shared_exponent(amax, fmt.emax)
-  bad = (amax >= _INF_BITS) | (e > 127)
-  a = _ldexp(g, -e)
-  negative = (_bits(a) < 0) & ((_bits(a) & _MAG) != 0)  # torch.sign(-0.0) == 0
-  q = _ldexp(_with_sign(_round_element(a, fmt, _rint_microxcaling), negative), e)
-  return jnp.where(bad, jnp.nan, q)
-
-
-def _normalize(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(y, e, amax_bits)`` with ``y = g / 2^e`` exactly and the group's ``max |y|`` in ``[1, 2)``.
-
-  Scaling by the power of two changes no rounding decision while everything is
-  normal, and keeps the float scale normal for groups of tiny values.
-  """
-  amax = jnp.max(_bits(g) & _MAG, axis=-1, keepdims=True)
-  e = jnp.where((amax == 0) | (amax >= _INF_BITS), 0, _floor_log2(amax))
-  return _ldexp(g, -e), e, amax
-
-
-def _finish(q_y: jax.Array, g: jax.Array, e: jax.Array, amax: jax.Array) -> jax.Array:
-  """Undo ``_normalize``, give zeros ``g``'s sign, zero all-zero groups, NaN non-finite ones."""
-  q = _float(_bits(_ldexp(q_y, e)) & _MAG)
-  q = _with_sign(q, _bits(g) < 0)
-  q = jnp.where(amax == 0, g, q)
-  return jnp.where(amax >= _INF_BITS, jnp.nan, q)
-
-
-def _absmax(g: jax.Array, fmt: Format) -> jax.Array:
-  """Symmetric scaled int / FP8: ``s = amax / max_normal``, ``Q = s * round_fmt(x / s)``."""
-  y, e, amax = _normalize(g)
-  s = jnp.where(amax == 0, 1.0, _divide(_ldexp(_float(amax), -e), fmt.max_normal))
-  n = _round_element(_divide(y, s), fmt)
-  return _finish(n * s, g, e, amax)
-
-
-def _affine(g: jax.Array, fmt: Format) -> jax.Array:
-  """Asymmetric scaled int: ``Q = s * (clip(RNE(x / s) + z, 0, 2^k - 1) - z)``."""
-  y, e, amax = _normalize(g)
-  levels = float(2**fmt.bits - 1)
-  lo = jnp.minimum(jnp.min(y, axis=-1, keepdims=True), 0.0)
-  hi = jnp.maximum(jnp.max(y, axis=-1, keepdims=True), 0.0)
-  s = jnp.where(amax == 0, 1.0, _divide(hi - lo, levels))
-  z = jnp.round(_divide(-lo, s))
-  n = jnp.clip(jnp.round(_divide(y, s)) + z, 0.0, levels)
-  return _finish((n - z) * s, g, e, amax)
-
-
 # ---------------------------------------------------------------------------
 # Argument checks, grouping and the public function.
 # ---------------------------------------------------------------------------
-class _Spec(NamedTuple):
+class Spec(NamedTuple):
+  """Resolved settings of one ``quantize`` call (see :func:`make_spec`)."""
+
   fmt: Format
   granularity: str
   axis: int
@@ -408,7 +164,12 @@ class _Spec(NamedTuple):
   symmetric: bool
 
 
-def _spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> _Spec:
+def make_spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> Spec:
+  """The :class:`Spec` of ``quantize(x, fmt, ...)`` for an ``x`` of ``shape`` and ``dtype``.
+
+  Resolves the defaults (MX blocks of ``MX_BLOCK_SIZE``, a non-negative ``axis``) and
+  raises the ``ValueError`` s that :func:`quantize` documents.
+  """
   fmt = get_format(fmt)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"quantize expects floating-point input, got dtype {dtype}.")
@@ -448,11 +209,11 @@ def _spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> _Spec:
         f"`block_size`={block_size} must divide the size {size} of `axis`={axis} "
         f"(shape {shape}).")
     axis = int(axis) % len(shape)
-  return _Spec(fmt, granularity, axis, 0 if block_size is None else int(block_size),
-               bool(symmetric))
+  return Spec(fmt, granularity, axis, 0 if block_size is None else int(block_size),
+              bool(symmetric))
 
 
-def _grouped(fn, x: jax.Array, spec: _Spec) -> jax.Array:
+def grouped(fn, x: jax.Array, spec: Spec) -> jax.Array:
   """Applies ``fn`` to ``x`` laid out as groups along a last axis, and lays it back."""
   if spec.granularity == "tensor":
     return fn(x.reshape(1, -1)).reshape(x.shape)
@@ -463,20 +224,22 @@ def _grouped(fn, x: jax.Array, spec: _Spec) -> jax.Array:
   return jnp.moveaxis(fn(g).reshape(moved), -1, spec.axis)
 
 
-def _fake_quantize(x: jax.Array, spec: _Spec) -> jax.Array:
+def _fake_quantize(x: jax.Array, spec: Spec) -> jax.Array:
   if x.size == 0:
     return x
   if spec.fmt.kind == "mx":
-    fn = functools.partial(_mx, fmt=spec.fmt)
+    fn = functools.partial(quant_blocks.mx, fmt=spec.fmt)
   elif spec.symmetric:
-    fn = functools.partial(_absmax, fmt=spec.fmt)
+    fn = functools.partial(quant_scaled.absmax, fmt=spec.fmt)
   else:
-    fn = functools.partial(_affine, fmt=spec.fmt)
-  return _grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
+    fn = functools.partial(quant_scaled.affine, fmt=spec.fmt)
+  if x.dtype == jnp.bfloat16:
+    return qb.to_bfloat16(grouped(fn, qb.from_bfloat16(x), spec))
+  return grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _straight_through(x: jax.Array, spec: _Spec) -> jax.Array:
+def _straight_through(x: jax.Array, spec: Spec) -> jax.Array:
   return _fake_quantize(x, spec)
 
 
@@ -525,5 +288,5 @@ def quantize(
       ``granularity`` / ``block_size`` / ``symmetric``.
   """
   x = jnp.asarray(x)
-  spec = _spec(fmt, x.shape, x.dtype, axis, block_size, granularity, symmetric)
+  spec = make_spec(fmt, x.shape, x.dtype, axis, block_size, granularity, symmetric)
   return _straight_through(x, spec)

@@ -47,8 +47,11 @@ def assert_nm(p, n, m, axis=0):
   assert (groups <= n).all()
 
 
-def run(tx, params, grads_fn, steps, check=None, update=None):
-  """The user's loop: tx.view once, then update + apply_updates; checks after every step."""
+def run(tx, params, grads_fn, steps, check=None, update=None, project=None):
+  """The user's loop: tx.view once, then update + apply_updates; checks after every step.
+
+  ``project`` maps ``tx.view`` of the master onto the params' grid (for bfloat16 params
+  whose master is float32)."""
   state = tx.init(params)
   params = tx.view(params)
   update = update or jax.jit(tx.update)
@@ -62,6 +65,8 @@ def run(tx, params, grads_fn, steps, check=None, update=None):
     # (This transform's own master: master_params would read an inner SR-STE's.)
     master = jax.tree.map(lambda w, p: p if np.ndim(w) == 0 else w, state.master, params)
     view = tx.view(master)
+    if project is not None:
+      view = project(view)
     off = sum(int((bits(a) != bits(b)).sum()) for a, b in zip(
         jax.tree.leaves(params), jax.tree.leaves(view), strict=True))
     assert off == int(qat.quantization_corrections(state)) - before
@@ -380,12 +385,65 @@ def test_construction_errors(kwargs, match):
     qat.quantization(optax.sgd(1.0), **kwargs)
 
 
+# bfloat16 params: the view is quantize in bfloat16, whose results are its fixed points.
+BF16_CONFIGS = {
+    "int4": ("sq", "nm", "channel"),
+    "int8": ("qs", "unstructured", "tensor"),
+    "fp8_e4m3": ("sq", None, "channel"),
+    "fp8_e5m2": ("qs", "nm", "tensor"),
+    "mxfp8_e4m3": ("qs", "unstructured", None),
+    "mxfp4_e2m1": ("sq", "nm", None),
+    "mxint8": ("sq", None, None),
+}
+
+
+@functools.cache
+def bf16_transform(fmt):
+  order, structure, granularity = BF16_CONFIGS[fmt]
+  kw = {"sparsity": 0.6} if structure == "unstructured" else (
+      {"nm": (2, 4)} if structure == "nm" else {})
+  tx = qat.quantization(optax.adam(0.05), fmt, order=order, granularity=granularity,
+                        select="w", **kw)
+  return tx, jax.jit(tx.update), structure, granularity
+
+
+@pytest.mark.parametrize("fmt", BF16_CONFIGS)
+def test_bfloat16_params_stay_on_the_grid(fmt):
+  """Holds whether the master weights are bfloat16 (like the params) or float32."""
+  tx, update, structure, granularity = bf16_transform(fmt)
+  w = jax.random.normal(jax.random.key(11), (32, 16)).astype(jnp.bfloat16)
+
+  def check(params, state):
+    p = params["w"]
+    assert p.dtype == jnp.bfloat16
+    on_grid = quantizer(fmt, 0, granularity)(p)
+    np.testing.assert_array_equal(np.asarray(on_grid).view(np.uint16),
+                                  np.asarray(p).view(np.uint16))
+    assert not (np.asarray(p).view(np.uint16) == 0x8000).any()  # no -0.0
+    if structure == "nm":
+      assert_nm(np.asarray(p, np.float32), 2, 4)
+    if structure == "unstructured":
+      assert int((np.asarray(p, np.float32) == 0).sum()) >= round(0.6 * p.size)
+
+  def project(view):  # the bfloat16 grid point of a (float32 or bfloat16) view
+    return {"w": qat.snapped_quantize(jnp.asarray(view["w"], jnp.bfloat16), fmt, axis=0,
+                                      granularity=granularity)}
+
+  def grads(params, state, t):  # the gradient of a regression towards fixed targets
+    target = jax.random.normal(jax.random.key(100), (32, 16))
+    return {"w": (params["w"].astype(jnp.float32) - target).astype(jnp.bfloat16)}
+
+  params, state = run(tx, {"w": w}, grads, 6, check, update, project)
+  assert np.asarray(params["w"], np.float32).any()
+
+
 def test_init_errors():
   w = jnp.ones((16, 8))
   with pytest.raises(ValueError, match=r"layer/kernel: `block_size`=32 must divide the size 16"):
     qat.quantization(optax.sgd(1.0), "mxfp4_e2m1").init({"layer": {"kernel": w}})
-  with pytest.raises(ValueError, match="w: quantization-aware training needs float32"):
-    qat.quantization(optax.sgd(1.0), "int4").init({"w": w.astype(jnp.bfloat16)})
+  with pytest.raises(ValueError, match="w: quantization-aware training needs float32 or "
+                     "bfloat16 params, got float16"):
+    qat.quantization(optax.sgd(1.0), "int4").init({"w": w.astype(jnp.float16)})
   with pytest.raises(ValueError, match="order='qs' masks the quantized weights"):
     qat.quantization(jaxprune.nm_pruning(optax.sgd(1.0)), "int4", order="qs").init(
         {"w": w})

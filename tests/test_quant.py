@@ -453,6 +453,30 @@ def test_half_precision_inputs():
   assert _jit("int8")(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("fmt,kwargs", [
+    ("int2", {"block_size": 8}), ("int4", {"granularity": "channel"}), ("int8", {}),
+    ("fp8_e4m3", {"granularity": "channel"}), ("fp8_e5m2", {}), ("mxfp8_e4m3", {}),
+    ("mxfp4_e2m1", {}), ("mxint8", {})])
+def test_bfloat16_results_are_fixed_points(fmt, kwargs):
+  # Q(Q(x)) == Q(x) in bfloat16 (module docstring): quantized bfloat16 params stay on the grid.
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((16, 64)) * np.exp2(rng.integers(-30, 30, (16, 1)))
+  x[0, :32] = 1.0  # a constant group: amax / q_max * q_max must give amax back
+  quantizer = jax.jit(functools.partial(quantize, fmt=fmt, **kwargs))
+  y = quantizer(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  def bits16(a):  # MX maps -0.0 to +0.0 (see test_mx_invariants)
+    b = np.asarray(a).view(np.uint16).copy()
+    b[(b & 0x7FFF) == 0] = 0 if fmt in MX else b[(b & 0x7FFF) == 0]
+    return b
+
+  np.testing.assert_array_equal(bits16(quantizer(y)), bits16(y))
+  # And y is the float32 result rounded to bfloat16.
+  expect = q(np.asarray(jnp.asarray(x, jnp.bfloat16), F32), fmt, **kwargs)
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint16),
+                                expect.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
 def test_scalars_and_empty_arrays():
   assert_bits_equal(q(F32(-127.0), "int8"), F32(-127.0))
   assert quantize(jnp.zeros((0, 32)), "mxint8").shape == (0, 32)
