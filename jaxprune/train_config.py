@@ -101,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Peak dense FLOP/s of one device for the report's MFU; 0: look the device up in
   # jaxprune.train_report.PEAK_FLOPS (unknown devices, e.g. CPUs, get no MFU).
   c.peak_flops = 0.0
+  # Dense and gmp only: learning-rate and pruning-schedule numbers live in the optimizer state
+  # (optax.inject_hyperparams), so runs of one model size share a compiled program (sweeps).
+  c.share_compilation = False
   return c
 
 

@@ -10,9 +10,11 @@ dense.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import jaxprune
+from jaxprune import schedules as schedules_lib
 from jaxprune.train_config import METHODS
 
 
@@ -55,6 +57,54 @@ def _gmp(config, adamw, sel):
                           **({} if p.score == "random" else {"scope": p.scope}))
 
 
+def warmup_cosine(count, peak, warmup, total, final_fraction):
+  """``optax.warmup_cosine_decay_schedule(0, peak, warmup, total, peak * final_fraction)``.
+
+  Written with array arithmetic only, so every number may be traced (optax's
+  checks ``decay_steps > 0`` on the host). ``warmup >= 1`` and ``total > warmup``.
+  """
+  count = jnp.asarray(count, jnp.float32)
+  warmup = jnp.asarray(warmup, jnp.float32)
+  total = jnp.asarray(total, jnp.float32)
+  ramp = peak * jnp.minimum(count, warmup) / warmup
+  t = jnp.clip(count - warmup, 0.0, total - warmup) / (total - warmup)
+  decayed = peak * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+  return jnp.where(count < warmup, ramp, decayed)
+
+
+def _shared(config, sel, adamw_of) -> optax.GradientTransformation:
+  """Dense or GMP whose run-specific numbers are optimizer state, not program constants.
+
+  ``optax.inject_hyperparams`` keeps the peak learning rate, the warm-up and run
+  length, the final sparsity and the ramp's steps in the state and rebuilds the
+  transform from them inside every update, so runs that differ only in these
+  (and in the seed) lower to the same program and share one compilation through
+  JAX's persistent cache: a sweep compiles once per model size and method. The
+  pruning counts are then ``round(s_t * size)`` in float32 under ``jit``
+  (:func:`jaxprune.masks.num_pruned`) rather than the exact host count; they can
+  differ by one weight per layer at some updates.
+  """
+  o, p, steps = config.optimizer, config.prune, config.steps
+  warmup = max(min(o.warmup_steps, steps - 1), 1)
+  method, kind = config.method, p.schedule
+
+  def factory(peak_lr, warmup, total, sparsity, begin, end, frequency):
+    adamw = adamw_of(lambda count: warmup_cosine(count, peak_lr, warmup, total,
+                                                 o.final_lr_fraction))
+    if method == "dense":
+      return adamw
+    if kind == "polynomial":
+      schedule = schedules_lib.PolynomialSchedule(0.0, sparsity, begin, end, p.power, frequency)
+    else:
+      schedule = schedules_lib.GeometricSchedule(sparsity, begin, end, frequency)
+    return jaxprune.magnitude_pruning(adamw, schedule, select=sel, scope=p.scope)
+
+  begin, end = int(p.begin_fraction * steps), min(int(p.end_fraction * steps), steps - 1)
+  return optax.inject_hyperparams(factory)(
+      peak_lr=float(o.lr), warmup=warmup, total=max(steps, warmup + 1),
+      sparsity=float(config.sparsity), begin=begin, end=end, frequency=p.frequency)
+
+
 def _step(config, clip, lr, sel):
   o = config.optimizer
   tx = jaxprune.step_adam(lr, config.n, config.m, b1=o.b1, b2=o.b2,
@@ -69,9 +119,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
   o, steps, sel = config.optimizer, config.steps, selection(config)
   lr = learning_rate_schedule(config)
   clip = optax.clip_by_global_norm(o.grad_clip)
-  adamw = optax.chain(clip, optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                                        mask=_decay_mask))
+
+  def adamw_of(learning_rate):
+    return optax.chain(clip, optax.adamw(learning_rate, b1=o.b1, b2=o.b2,
+                                         weight_decay=o.weight_decay, mask=_decay_mask))
+
+  adamw = adamw_of(lr)
   method = config.method
+  if config.share_compilation:
+    if method not in ("dense", "gmp") or config.prune.score != "magnitude" or config.quant.format:
+      raise ValueError("`config.share_compilation` supports the dense and gmp methods with "
+                       f"magnitude scores and no quantization, got method {method!r}.")
+    return _shared(config, sel, adamw_of)
   if method == "dense":
     tx = adamw
   elif method == "gmp":

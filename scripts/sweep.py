@@ -85,6 +85,16 @@ class Preset(NamedTuple):
   prune_frequency: int
   eval_batches: int
   checkpoint_every: int
+  # Only the accelerator preset sets these (the CPU presets keep their runs and names).
+  depths: tuple[int, ...] | None = None      # per width; None: `depth` for every width
+  head_dim: int = 16
+  schedules: tuple[str, ...] = ("polynomial",)   # GMP: cubic per layer; 'geometric': Jin et al.
+  repeats: tuple[tuple[int, int, float, str], ...] = ()   # (width, steps, sparsity, schedule)
+  seeds: tuple[int, ...] = (0,)               # extra seeds of the `repeats` runs
+  data_format: str = "bytes"
+  dtype: str = "float32"
+  share_compilation: bool = False
+  lr: float | None = None
 
 
 PRESETS = {
@@ -108,7 +118,26 @@ PRESETS = {
         window_width=32, window_steps=80, window_sparsity=0.75,
         windows=((0.0, 0.5), (0.25, 0.75)),
         prune_frequency=2, eval_batches=8, checkpoint_every=1000),
+    # One accelerator (scripts/device_sweep.sh): BPE tokens (vocabulary 4,096), context 256,
+    # batch 64 (16,384 tokens per step), bfloat16 compute, 64-wide heads. Four sizes of
+    # 0.9M / 4.9M / 18.9M / 42.5M non-embedding parameters (48x), two budgets per size
+    # (4.1M and 12.3M tokens), dense and GMP to 50 / 75 / 90% with both the cubic per-layer
+    # ramp and Jin et al.'s global geometric schedule over 25%-75% of training: 56 runs;
+    # 3 more pruning windows at equal compute; 4 runs repeated with seed 1 for the noise
+    # floor. Runs of one size and method share one compiled program (share_compilation).
+    "accelerator": Preset(
+        widths=(192, 320, 512, 768), depth=6, depths=(2, 4, 6, 6), head_dim=64,
+        context=256, batch_size=64, steps=(250, 750), sparsities=(0.0, 0.5, 0.75, 0.9),
+        grid_window=(0.25, 0.75), schedules=("polynomial", "geometric"),
+        window_width=320, window_steps=750, window_sparsity=0.9,
+        windows=((0.0, 0.5), (0.0, 1.0), (0.5, 1.0)),
+        repeats=((192, 750, 0.0, "polynomial"), (192, 750, 0.75, "polynomial"),
+                 (512, 750, 0.0, "polynomial"), (512, 750, 0.75, "polynomial")),
+        seeds=(1,), prune_frequency=10, eval_batches=16, checkpoint_every=0,
+        data_format="tokens", dtype="bfloat16", share_compilation=True, lr=1e-3),
 }
+#: The fits need at least this many distinct model sizes (leave-one-size-out keeps two).
+MIN_SIZES = 3
 
 
 class Run(NamedTuple):
@@ -116,27 +145,53 @@ class Run(NamedTuple):
   steps: int
   sparsity: float
   window: tuple[float, float] | None  # None: dense.
+  schedule: str = "polynomial"        # 'geometric': Jin et al.'s global schedule.
+  seed: int = 0
 
   @property
   def name(self) -> str:
     base = f"w{self.width}_T{self.steps}"
     if self.window is None:
-      return base + "_dense"
-    return base + f"_s{self.sparsity:g}_{self.window[0]:g}-{self.window[1]:g}"
+      name = base + "_dense"
+    else:
+      name = base + f"_s{self.sparsity:g}_{self.window[0]:g}-{self.window[1]:g}"
+      name += "_geo" if self.schedule == "geometric" else ""
+    return name + (f"_seed{self.seed}" if self.seed else "")
 
 
 def plan(preset: Preset) -> dict[Run, set[str]]:
-  """Every distinct run, in order, with the sweeps it belongs to ('grid', 'windows')."""
+  """Every distinct run, in order, with the sweeps it belongs to ('grid', 'windows', 'seeds')."""
   runs: dict[Run, set[str]] = {}
   for width in preset.widths:
     for steps in preset.steps:
       for s in preset.sparsities:
-        run = Run(width, steps, s, preset.grid_window if s else None)
-        runs.setdefault(run, set()).add("grid")
+        for schedule in (preset.schedules if s else ("polynomial",)):
+          run = Run(width, steps, s, preset.grid_window if s else None, schedule)
+          runs.setdefault(run, set()).add("grid")
   for window in preset.windows:
     run = Run(preset.window_width, preset.window_steps, preset.window_sparsity, window)
     runs.setdefault(run, set()).add("windows")
+  for seed in preset.seeds if preset.repeats else ():
+    for width, steps, s, schedule in preset.repeats:
+      run = Run(width, steps, s, preset.grid_window if s else None, schedule, seed)
+      runs.setdefault(run, set()).add("seeds")
   return runs
+
+
+def check_preset(preset: Preset) -> None:
+  """Raises unless the grid has enough sizes for the fits, and its parts are consistent."""
+  if len(set(preset.widths)) < MIN_SIZES:
+    raise ValueError(f"the sweep grid has {len(set(preset.widths))} distinct model sizes; the "
+                     f"fits need at least {MIN_SIZES} (leaving one size out must leave two).")
+  if preset.depths is not None and len(preset.depths) != len(preset.widths):
+    raise ValueError(f"`depths` has {len(preset.depths)} entries for {len(preset.widths)} "
+                     "widths.")
+
+
+def depth_of(preset: Preset, width: int) -> int:
+  if preset.depths is None:
+    return preset.depth
+  return preset.depths[preset.widths.index(width)]
 
 
 def end_fraction(end: float, steps: int) -> float:
@@ -144,25 +199,31 @@ def end_fraction(end: float, steps: int) -> float:
   return end if int(end * steps) < steps else (steps - 0.5) / steps
 
 
-def run_config(preset: Preset, run: Run):
+def run_config(preset: Preset, run: Run, data_path: str | None = None):
   """The run's training config: the dense or GMP recipe, resized."""
   from jaxprune import train
 
-  config = train.load_recipe("dense" if run.window is None else "gmp",
-                             directory=ROOT / "recipes")
-  config.model.update(width=run.width, depth=preset.depth, context=preset.context,
-                      heads=max(run.width // 16, 1))
+  config = train.load_recipe("dense" if run.window is None else "gmp")
+  config.model.update(width=run.width, depth=depth_of(preset, run.width), context=preset.context,
+                      heads=max(run.width // preset.head_dim, 1), dtype=preset.dtype)
   config.update(steps=run.steps, batch_size=preset.batch_size, eval_every=run.steps,
                 eval_batches=preset.eval_batches, log_every=max(run.steps // 10, 1),
-                checkpoint_every=min(preset.checkpoint_every, run.steps), progress=False)
+                checkpoint_every=min(preset.checkpoint_every, run.steps), progress=False,
+                seed=run.seed, share_compilation=preset.share_compilation)
   config.optimizer.warmup_steps = max(run.steps // 10, 1)
+  if preset.lr is not None:
+    config.optimizer.lr = preset.lr
+  config.data.format = preset.data_format
+  if data_path:
+    config.data.path = str(data_path)
   if run.window is None:
     config.sparsity = 0.0  # Unused by the dense method; recorded as what the run is.
   else:
     config.sparsity = run.sparsity
     config.prune.update(begin_fraction=run.window[0],
                         end_fraction=end_fraction(run.window[1], run.steps),
-                        frequency=preset.prune_frequency)
+                        frequency=preset.prune_frequency, schedule=run.schedule,
+                        scope="global" if run.schedule == "geometric" else "layer")
   return config
 
 
@@ -207,6 +268,11 @@ def csv_row(run: Run, sweeps: set[str], report: dict, workdir: str) -> dict:
       "prune_end_step": int(config["prune"]["end_fraction"] * steps) if sparse else nan,
       "prune_power": config["prune"]["power"] if sparse else nan,
       "prune_frequency": config["prune"]["frequency"] if sparse else nan,
+      "schedule": run.schedule if sparse else "",
+      "seed": run.seed,
+      "in_seeds": int("seeds" in sweeps),
+      "N_nonembedding": _nonembedding(config),
+      "loss_per_byte": report.get("eval_loss_per_byte") or report["eval_loss"],
       "width": run.width,
       "depth": config["model"]["depth"],
       "heads": config["model"]["heads"],
@@ -221,6 +287,16 @@ def csv_row(run: Run, sweeps: set[str], report: dict, workdir: str) -> dict:
       "workdir": workdir,
       "config": json.dumps(config, sort_keys=True, separators=(",", ":")),
   }
+
+
+def _nonembedding(config: dict) -> int:
+  """Parameters of the blocks (attention, MLP, their norms): what scaling studies call N."""
+  from jaxprune.models import transformer
+
+  m = {k: config["model"][k] for k in ("context", "width", "heads", "mlp_ratio", "positions")}
+  block = (transformer.param_count(vocab_size=256, depth=2, **m)
+           - transformer.param_count(vocab_size=256, depth=1, **m))
+  return config["model"]["depth"] * block
 
 
 def _write_rows(path: pathlib.Path, rows: list[dict]) -> None:
@@ -238,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="Directory for runs/ and sweep.csv.")
   parser.add_argument("--quick", action="store_true", help="The tiny preset (tests, smoke).")
+  parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="default (CPU), quick (--quick) or accelerator (one GPU; needs --data).")
+  parser.add_argument("--data", default=None,
+                      help="A token corpus directory (scripts/prepare_data.py) for presets that "
+                           "train on tokens.")
   parser.add_argument("--match", default="", help="Only train runs whose name matches (regex).")
   parser.add_argument("--list", action="store_true", help="Print the plan; train nothing.")
   args = parser.parse_args(argv)
@@ -245,18 +326,29 @@ def main(argv: list[str] | None = None) -> int:
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  from jaxprune import data, train
+  from jaxprune import train
 
-  preset = PRESETS["quick" if args.quick else "default"]
+  name = args.preset or ("quick" if args.quick else "default")
+  if args.quick and args.preset not in (None, "quick"):
+    parser.exit(2, f"error: --quick and --preset {args.preset} contradict each other.\n")
+  preset = PRESETS[name]
+  try:
+    check_preset(preset)
+  except ValueError as e:
+    parser.exit(2, f"error: preset {name}: {e}\n")
+  if preset.data_format == "tokens" and not args.data and not args.list:
+    parser.exit(2, f"error: --data: the {name} preset trains on a token corpus; write one with "
+                   "scripts/prepare_data.py --out DIR and pass --data DIR.\n")
   runs = plan(preset)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   pattern = re.compile(args.match)
   todo = [r for r in runs if pattern.search(r.name)]
   done_before = sum((out / "runs" / r.name / "report.json").exists() for r in todo)
-  print(f"sweep {'quick' if args.quick else 'default'}: {len(runs)} runs "
+  print(f"sweep {name}: {len(runs)} runs "
         f"({sum('grid' in s for s in runs.values())} grid, "
-        f"{sum('windows' in s for s in runs.values())} windows), {len(todo)} selected, "
+        f"{sum('windows' in s for s in runs.values())} windows, "
+        f"{sum('seeds' in s for s in runs.values())} repeated seeds), {len(todo)} selected, "
         f"{done_before} of them finished earlier; results in {out / CSV_NAME}", flush=True)
   if args.list:
     for run in todo:
@@ -268,15 +360,14 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   for i, run in enumerate(todo, 1):
     workdir = out / "runs" / run.name
-    config = run_config(preset, run)
+    config = run_config(preset, run, args.data)
     report_path = workdir / "report.json"
     print(f"[{i}/{len(todo)}] {run.name} ...", flush=True)
     if report_path.exists():
       report = json.loads(report_path.read_text())
       if corpus is None:  # The corpus that train.train would load for this config.
-        corpus = data.load_corpus(config.data.path or None,
-                                  valid_fraction=config.data.valid_fraction,
-                                  include_tests=config.data.include_tests).fingerprint
+        corpus = train.load_corpus(config.data.path, config.data.valid_fraction,
+                                   config.data.include_tests, config.data.format).fingerprint
       _check_finished(report, json.loads(config.to_json()), corpus, workdir)
       how = "finished earlier"
     else:

@@ -31,6 +31,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ("run", "method", "N", "D", "loss", "N_dense", "N_final", "N_avg", "N_prunable",
            "sparsity", "sparsity_final", "window_begin", "window_end", "prune_begin_step",
            "prune_end_step", "prune_power", "prune_frequency", "width", "depth", "heads",
+           "schedule", "seed", "in_seeds", "N_nonembedding", "loss_per_byte",
            "context", "batch_size", "steps", "in_grid", "in_windows", "final_train_loss",
            "wall_time_s", "tokens_per_s", "workdir", "config")
 
@@ -202,3 +203,74 @@ def test_fit_script_under_determined_after_dropping_nan(tmp_path):
         pytest.raises(SystemExit, match="5 usable runs for the 5 parameters of the law: the "
                       "fit is under-determined; it needs at least 6")):
     fit_script.main([str(path)])
+
+
+def test_accelerator_preset_covers_what_the_study_needs():
+  sweep = _module(SWEEP)
+  preset = sweep.PRESETS["accelerator"]
+  sweep.check_preset(preset)
+  runs = sweep.plan(preset)
+  sizes = []
+  for width in preset.widths:
+    config = json.loads(sweep.run_config(preset, sweep.Run(width, 250, 0.0, None)).to_json())
+    sizes.append(sweep._nonembedding(config))
+  assert max(sizes) / min(sizes) >= 30 and min(sizes) <= 1.5e6 and max(sizes) >= 30e6
+  grid = [r for r, s in runs.items() if "grid" in s]
+  assert {r.sparsity for r in grid} == {0.0, 0.5, 0.75, 0.9}
+  assert {r.schedule for r in grid if r.window} == {"polynomial", "geometric"}
+  for width in preset.widths:   # 2 or 3 token budgets per size, each with the full grid
+    budgets = {r.steps for r in grid if r.width == width}
+    assert 2 <= len(budgets) <= 3
+    assert all(sum(r.width == width and r.steps == t for r in grid) == 7 for t in budgets)
+  seeds = [r for r, s in runs.items() if "seeds" in s]
+  assert seeds and all(r.seed == 1 for r in seeds)
+  assert all(r._replace(seed=0) in runs for r in seeds)   # each repeats a grid run
+  config = sweep.run_config(preset, grid[1], "/data/tokens")
+  assert config.share_compilation and config.model.dtype == "bfloat16"
+  assert config.data.format == "tokens" and config.data.path == "/data/tokens"
+  geometric = sweep.run_config(preset, next(r for r in grid if r.schedule == "geometric"))
+  assert (geometric.prune.schedule, geometric.prune.scope) == ("geometric", "global")
+
+
+def test_too_few_sizes_and_missing_token_data_are_refused(tmp_path):
+  sweep = _module(SWEEP)
+  with pytest.raises(ValueError, match="2 distinct model sizes; the fits need at least 3"):
+    sweep.check_preset(sweep.PRESETS["quick"]._replace(widths=(16, 32)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(SWEEP), "--preset", "accelerator", "--out",
+                         str(tmp_path / "o")], env=env, capture_output=True, text=True)
+  assert proc.returncode == 2 and "--data: the accelerator preset trains on a token corpus" in (
+      proc.stderr)
+
+
+@pytest.mark.slow
+def test_token_sweep_with_both_schedules_seeds_and_shared_compilation(tmp_path, monkeypatch):
+  """The accelerator preset's machinery at CPU size: tokens, geometric global GMP, seeds."""
+  from jaxprune import tokens
+
+  text = tmp_path / "text"
+  text.mkdir()
+  rng = np.random.default_rng(0)
+  words = ["def", "return", "self", "import", "x", "=", "(", ")", "for", "in"]
+  for i in range(30):
+    (text / f"f{i}.py").write_text("\n".join(" ".join(rng.choice(words, 9)) for _ in range(40)))
+  tokens.prepare_token_corpus(tmp_path / "tok", path=text, vocab_size=300)
+  sweep = _module(SWEEP)
+  tiny = sweep.PRESETS["accelerator"]._replace(
+      widths=(16, 24, 32), depths=(1, 1, 1), head_dim=8, context=16, batch_size=4, steps=(8,),
+      sparsities=(0.0, 0.5), window_width=16, window_steps=8, windows=((0.0, 0.5),),
+      repeats=((16, 8, 0.5, "geometric"),), dtype="float32", eval_batches=2, prune_frequency=2)
+  monkeypatch.setitem(sweep.PRESETS, "tiny_tokens", tiny)
+  monkeypatch.setenv("JAXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+  assert sweep.main(["--out", str(tmp_path / "out"), "--preset", "tiny_tokens",
+                     "--data", str(tmp_path / "tok")]) == 0
+  rows = _rows(tmp_path / "out" / sweep.CSV_NAME)
+  assert len(rows) == len(sweep.plan(tiny)) == 3 * 3 + 1 + 1
+  cells = _cells((tmp_path / "out" / sweep.CSV_NAME).read_text())
+  assert {c["schedule"] for c in cells} == {"", "polynomial", "geometric"}
+  assert sorted({c["seed"] for c in cells}) == ["0", "1"]
+  for row, cell in zip(rows, cells, strict=True):
+    assert row["loss_per_byte"] < row["loss"]              # a BPE token is > 1 byte
+    assert row["N_nonembedding"] < row["N_dense"]
+    if cell["schedule"]:
+      assert abs(row["sparsity_final"] - row["sparsity"]) < 1e-3
