@@ -90,14 +90,18 @@ def wanda(
   return _wanda(kernel, input_norm, sparsity=sparsity, nm=nm)
 
 
-@partial(jax.jit, static_argnames=("sparsity", "nm"))
-def magnitude(kernel: Array, *, sparsity: float = 0.0, nm: tuple[int, int] | None = None
-              ) -> Pruned:
-  """The one-shot magnitude baseline: the layer's ``round(sparsity * size)`` smallest ``|w|``
-  (:func:`jaxprune.magnitude_mask`, as ``magnitude_pruning`` does), or N:M along the inputs."""
+@partial(jax.jit, static_argnames=("sparsity", "nm", "axis"))
+def magnitude(kernel: Array, *, sparsity: float = 0.0, nm: tuple[int, int] | None = None,
+              axis: int = 0) -> Pruned:
+  """The one-shot magnitude baseline, as ``magnitude_pruning``/``nm_pruning`` prune at one step.
+
+  Prunes the kernel's ``round(sparsity * size)`` smallest ``|w|``
+  (:func:`jaxprune.magnitude_mask`), or keeps the ``n`` largest of every ``m``
+  along ``axis`` (the input axis 0 of an ``(in, out)`` kernel). Any shape.
+  """
   score = jnp.abs(kernel)
   if nm is not None:
-    kept = masks_lib.nm_mask(score, nm[0], nm[1], axis=0)
+    kept = masks_lib.nm_mask(score, nm[0], nm[1], axis=axis)
   else:
     kept = masks_lib.magnitude_mask(score, sparsity)
   return Pruned(jnp.where(kept, kernel, jnp.zeros_like(kernel)), kept)
