@@ -13,7 +13,10 @@ the per-layer report (relative reconstruction error, sparsity, time) and the
 validation perplexity of the run, after one-shot and, with
 ``--finetune_steps`` > 0, after a fine-tune that keeps the one-shot masks
 (quantization-aware when quantizing; ``--finetune_method sr_ste`` for N:M).
-``--json`` appends the numbers as one JSON line.
+``--json`` appends the numbers as one JSON line; ``--save`` writes the final
+params. ``--method none`` without ``--quantize`` skips the one-shot step: the
+fine-tune alone, the dense model trained on for as many steps (the baseline
+that fine-tuned rows should be compared with).
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ _DAMP = flags.DEFINE_float("damp", 0.01, "Dampening, a fraction of mean(diag H).
 _CALIBRATION = flags.DEFINE_integer("calibration", 128, "Calibration sequences.")
 _CAL_BATCH = flags.DEFINE_integer("calibration_batch", 32, "Calibration sequences per batch.")
 _FT_STEPS = flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps after one-shot.")
-_FT_LR = flags.DEFINE_float("finetune_lr", 3e-4, "Peak fine-tuning learning rate.")
+_FT_LR = flags.DEFINE_float("finetune_lr", 1e-3, "Peak fine-tuning learning rate.")
 _FT_METHOD = flags.DEFINE_enum("finetune_method", "mask", ["mask", "sr_ste"],
                                "Hold the one-shot mask, or SR-STE (N:M) from the pruned weights.")
 _JSON = flags.DEFINE_string("json", None, "Append the results as one JSON line to this file.")
+_SAVE = flags.DEFINE_string("save", None, "Write the final params to this .npz (path -> array).")
 flags.mark_flag_as_required("from")
 
 
@@ -85,16 +89,21 @@ def main(argv) -> None:
   if len(devices) > 1 and all(b.shape[0] % len(devices) == 0 for b in batches):
     mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
   dense_loss = workdir_lib.evaluate(run)
-  try:
-    result = oneshot.prune(
-        run.model, batches, method=method, sparsity=_SPARSITY.value, nm=nm,
-        quantize=_QUANTIZE.value, quantizer=_QUANTIZER.value, group_size=_GROUP.value,
-        act_order=_ACT_ORDER.value, blocksize=_BLOCK.value, damp=_DAMP.value,
-        distribution=_DISTRIBUTION.value, owl_lambda=_OWL_LAMBDA.value,
-        owl_threshold=_OWL_M.value, mesh=mesh)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  print(result.report.table())
+  if method is None and _QUANTIZE.value is None:
+    if _FT_STEPS.value <= 0:
+      sys.exit("error: nothing to do: give --method, --quantize or --finetune_steps.")
+    result = oneshot.OneShotResult(None, {}, oneshot.OneShotReport((), 0.0, len(devices)))
+  else:
+    try:
+      result = oneshot.prune(
+          run.model, batches, method=method, sparsity=_SPARSITY.value, nm=nm,
+          quantize=_QUANTIZE.value, quantizer=_QUANTIZER.value, group_size=_GROUP.value,
+          act_order=_ACT_ORDER.value, blocksize=_BLOCK.value, damp=_DAMP.value,
+          distribution=_DISTRIBUTION.value, owl_lambda=_OWL_LAMBDA.value,
+          owl_threshold=_OWL_M.value, mesh=mesh)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(result.report.table())
   oneshot_loss = workdir_lib.evaluate(run)
   out = {
       "from": str(pathlib.Path(_FROM.value).resolve()), "method": _METHOD.value,
@@ -140,6 +149,14 @@ def main(argv) -> None:
   if _JSON.value:
     with open(_JSON.value, "a") as f:
       f.write(json.dumps(out) + "\n")
+  if _SAVE.value:
+    import numpy as np
+    from flax import nnx
+
+    from jaxprune import selection
+    params = nnx.state(run.model, nnx.Param)
+    np.savez(_SAVE.value, **dict(zip(selection.leaf_paths(params),
+                                     map(np.asarray, jax.tree.leaves(params)), strict=True)))
 
 
 if __name__ == "__main__":

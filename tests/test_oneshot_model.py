@@ -141,7 +141,7 @@ def test_transformer_order_selection_and_summary():
   model = Transformer(vocab_size=64, context=8, width=16, depth=2, heads=2, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 64, (4, 8)).astype(np.int32) for _ in range(2)]
-  result = oneshot.prune(model, batches, method="sparsegpt", nm=(2, 4), blocksize=16)
+  result = oneshot.prune(model, batches, method="sparsegpt", nm=(2, 4))
   names = ["attention/query", "attention/key", "attention/value", "attention/output", "mlp/up",
            "mlp/down"]
   assert [r.path for r in result.report.layers] == [

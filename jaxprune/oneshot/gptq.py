@@ -118,7 +118,7 @@ def gptq(
                      f"{jnp.result_type(kernel)}; cast it first.")
   _args.hessian(hessian, n_in)
   grid = grids.grid(fmt)
-  blocksize = _args.blocksize(blocksize)
+  blocksize = min(_args.blocksize(blocksize), n_in)   # (one block either way)
   damp = _args.damp(damp)
   group_size = _args.group_size(group_size, n_in, 32 if grid.fmt.kind == "mx" else None)
   return _gptq(kernel, hessian, fmt=grid.fmt.name, blocksize=blocksize, damp=damp,

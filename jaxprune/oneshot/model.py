@@ -33,7 +33,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -41,13 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxprune import _checks, quant
 from jaxprune import pruning as pruning_lib
 from jaxprune import selection as selection_lib
-from jaxprune.oneshot import _args, grids, layers
+from jaxprune.oneshot import _args, calibration, grids, layers
 from jaxprune.oneshot.gptq import gptq
 from jaxprune.oneshot.owl import outlier_ratio, owl_sparsities
 from jaxprune.oneshot.sparsegpt import sparsegpt
@@ -115,189 +113,6 @@ class OneShotResult(NamedTuple):
   params: Any
   masks: dict[str, jax.Array]
   report: OneShotReport
-
-
-# --------------------------------------------------------------------------- #
-# The model as parameters plus a forward pass that reports layer calls.
-# --------------------------------------------------------------------------- #
-
-
-class _Runner(NamedTuple):
-  params: Any
-  apply: Callable[[Any, Any, Callable[[str, layers.LayerCall], None]], Any]
-  finish: Callable[[Any], Any]
-
-
-def _nnx_runner(model: nnx.Module, forward) -> _Runner:
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  forward = forward or (lambda m, batch: m(batch))
-
-  def apply(params, batch, hook):
-    merged = nnx.merge(graphdef, params, rest)
-    names = {id(m): "/".join(map(str, path)) for path, m in nnx.iter_modules(merged)}
-    with layers.intercept(lambda m, call: hook(f"{names.get(id(m))}/{call.param}", call)):
-      return forward(merged, batch)
-
-  def finish(params):
-    nnx.update(model, params)
-    return params
-
-  return _Runner(params, apply, finish)
-
-
-def _linen_runner(model: nn.Module, variables, forward) -> _Runner:
-  forward = forward or (lambda v, batch: model.apply(v, batch))
-
-  def apply(params, batch, hook):
-    def on_call(m, call):
-      hook("/".join(("params", *map(str, m.path), call.param)), call)
-    with layers.intercept(on_call):
-      return forward(params, batch)
-
-  return _Runner(variables, apply, lambda params: params)
-
-
-class _Tree:
-  """A parameter tree's leaves by path, and a way to put new leaves back."""
-
-  def __init__(self, params):
-    flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
-    self.paths = [selection_lib.path_str(p) for p, _ in flat]
-    self.leaves = [leaf for _, leaf in flat]
-    self.index = {p: i for i, p in enumerate(self.paths)}
-
-  def __getitem__(self, path: str):
-    return self.leaves[self.index[path]]
-
-  def __setitem__(self, path: str, value) -> None:
-    self.leaves[self.index[path]] = value
-
-  def tree(self):
-    return self.treedef.unflatten(self.leaves)
-
-
-# --------------------------------------------------------------------------- #
-# Finding the layers and their order.
-# --------------------------------------------------------------------------- #
-
-
-class _Stage(NamedTuple):
-  paths: tuple[str, ...]              # kernels that share the input (and so the Hessian)
-  layouts: tuple[layers.Layout, ...]  # theirs; all read the inputs the same way
-
-  @property
-  def layout(self) -> layers.Layout:
-    return self.layouts[0]
-
-
-def _stages(runner: _Runner, batch, plans: dict[str, Any]) -> list[_Stage]:
-  """Calls of the planned kernels in forward order, grouped by shared input tensor."""
-  calls: list[tuple[str, int, layers.LayerCall]] = []
-
-  def record(path, call):
-    if path in plans:
-      calls.append((path, id(call.inputs), call))
-
-  def trace(params, batch):
-    runner.apply(params, batch, record)
-    return 0
-
-  jax.eval_shape(trace, runner.params, batch)
-  missing = [p for p in plans if p not in {c[0] for c in calls}]
-  if missing:
-    raise ValueError(
-        f"selected parameters {missing} are not the kernel of a layer one-shot calibration can "
-        "see in the forward pass (nnx.Linear/LinearGeneral/Einsum, linen Dense/DenseGeneral/"
-        "Einsum, or a type given to jaxprune.oneshot.register_layer); exclude them in `select`.")
-  counts = {p: sum(c[0] == p for c in calls) for p in plans}
-  stages: list[tuple[list[str], int, list[layers.Layout]]] = []
-  seen: set[str] = set()
-
-  def reads(lay):   # how a layout turns the input into (G, tokens, in)
-    return lay.inputs_perm, [lay.kernel_shape[a] for a in lay.batch_axes + lay.in_axes]
-
-  for path, key, call in calls:
-    if path in seen:
-      continue
-    seen.add(path)
-    lay = layers.layout(call, plans[path].shape, plans[path].nm_axis)
-    last = stages[-1] if stages else None
-    if (last and counts[path] == 1 and counts[last[0][0]] == 1 and last[1] == key
-        and reads(last[2][0]) == reads(lay)):
-      last[0].append(path)
-      last[2].append(lay)
-    else:
-      stages.append(([path], key, [lay]))
-  return [_Stage(tuple(paths), tuple(lays)) for paths, _, lays in stages]
-
-
-# --------------------------------------------------------------------------- #
-# Calibration statistics.
-# --------------------------------------------------------------------------- #
-
-
-def _shardings(mesh, data_axis: str, batch):
-  if mesh is None:
-    return None, None
-  if data_axis not in mesh.shape:
-    raise ValueError(f"`data_axis` {data_axis!r} is not an axis of `mesh` {dict(mesh.shape)}.")
-  size = mesh.shape[data_axis]
-  for leaf in jax.tree.leaves(batch):
-    if not np.ndim(leaf) or np.shape(leaf)[0] % size:
-      raise ValueError(f"calibration batches must have a leading axis divisible by the "
-                       f"{size} devices of mesh axis {data_axis!r}, got shape {np.shape(leaf)}.")
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P(data_axis))
-
-
-def _accumulate(runner: _Runner, params, batches, statistic, mesh, data_axis: str):
-  """Sums ``statistic(inputs_by_path)`` over the calibration batches (jitted, data-parallel)."""
-
-  def one(params, batch):
-    caught: dict[str, list] = {}
-    runner.apply(params, batch, lambda path, call: caught.setdefault(path, []).append(call))
-    return statistic(caught)
-
-  replicated, split = _shardings(mesh, data_axis, batches[0])
-  if mesh is None:
-    fn = jax.jit(one)
-  else:
-    fn = jax.jit(one, in_shardings=(replicated, split), out_shardings=replicated)
-    params = jax.device_put(params, replicated)
-  total = None
-  for batch in batches:
-    out = fn(params, batch)
-    total = out if total is None else jax.tree.map(jnp.add, total, out)
-  return jax.device_get(total)
-
-
-def _hessian(stage: _Stage):
-  """``statistic`` for :func:`_accumulate`: the stage's ``(G, in, in)`` sum of ``2 X^T X``."""
-  lead = stage.paths[0]
-
-  def statistic(caught):
-    h = jnp.zeros((stage.layout.groups, stage.layout.n_in, stage.layout.n_in), jnp.float32)
-    tokens = 0
-    for call in caught.get(lead, []):
-      x = stage.layout.inputs(call.inputs).astype(jnp.float32)
-      h = h + 2 * jnp.einsum("gti,gtj->gij", x, x, precision=HIGHEST)
-      tokens += x.shape[1]
-    return h, jnp.int32(tokens)
-
-  return statistic
-
-
-def _input_norms(stages: Sequence[_Stage]):
-  """``statistic``: per stage lead, the ``(G, in)`` sum of squares of each input feature."""
-  def statistic(caught):
-    out = {}
-    for stage in stages:
-      s = jnp.zeros((stage.layout.groups, stage.layout.n_in), jnp.float32)
-      for call in caught.get(stage.paths[0], []):
-        s = s + jnp.sum(jnp.square(stage.layout.inputs(call.inputs).astype(jnp.float32)), axis=1)
-      out[stage.paths[0]] = s
-    return out
-
-  return statistic
 
 
 # --------------------------------------------------------------------------- #
@@ -398,8 +213,9 @@ def _relative_error(old, new, h, lay: layers.Layout) -> float:
 def _owl_targets(runner, params, batches, stages, plans, o, target, lam, threshold, group,
                  mesh, data_axis) -> dict[str, float]:
   """OWL: per-group sparsities from the Wanda-score outlier ratios of the unpruned model."""
-  norms = _accumulate(runner, params, batches, _input_norms(stages), mesh, data_axis)
-  tree = _Tree(params)
+  norms = calibration.accumulate(runner, params, batches, calibration.input_norms(stages), mesh,
+                                 data_axis)
+  tree = calibration.Tree(params)
   groups: dict[str, list] = {}
   for stage in stages:
     norm = jnp.sqrt(norms[stage.paths[0]])
@@ -572,11 +388,11 @@ def prune(
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise ValueError("`variables` is for linen models; an NNX model holds its parameters.")
-    runner = _nnx_runner(model, forward)
+    runner = calibration.nnx_runner(model, forward)
   elif isinstance(model, nn.Module):
     if variables is None:
       raise ValueError("a linen model needs its `variables` ({'params': ...}).")
-    runner = _linen_runner(model, variables, forward)
+    runner = calibration.linen_runner(model, variables, forward)
   else:
     raise ValueError(f"`model` must be a Flax NNX or linen Module, got {type(model).__name__}.")
   batches = None if batches is None else list(batches)
@@ -590,7 +406,7 @@ def prune(
         x.sparsity is not None for _, x in selection.overrides):
       raise ValueError("distribution='owl' sets every selected layer's sparsity: use a uniform "
                        "`select` without sparsity overrides.")
-  tree = _Tree(runner.params)
+  tree = calibration.Tree(runner.params)
   rows, masks = [], {}
 
   def finish_layer(plan, lay, h, tokens, calib_s):
@@ -611,14 +427,15 @@ def prune(
     for plan in plans.values():
       finish_layer(plan, None, None, 0, 0.0)
   else:
-    stages = _stages(runner, batches[0], plans)
+    stages = calibration.stages(runner, batches[0], plans)
     if distribution == "owl":
       targets = _owl_targets(runner, runner.params, batches, stages, plans, o, sparsity,
                              owl_lambda, owl_threshold, owl_group, mesh, data_axis)
       plans = {p: plan._replace(sparsity=targets[p]) for p, plan in plans.items()}
     for stage in stages:
       t0 = time.perf_counter()
-      h, tokens = _accumulate(runner, tree.tree(), batches, _hessian(stage), mesh, data_axis)
+      h, tokens = calibration.accumulate(runner, tree.tree(), batches, calibration.hessian(stage),
+                                         mesh, data_axis)
       calib_s = time.perf_counter() - t0
       tokens = int(tokens)
       for path, lay in zip(stage.paths, stage.layouts, strict=True):

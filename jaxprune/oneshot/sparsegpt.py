@@ -140,6 +140,7 @@ def sparsegpt(
   _args.hessian(hessian, n_in)
   blocksize = _args.blocksize(blocksize)
   sparsity, nm = _args.structure(sparsity, nm, n_in, blocksize)
+  blocksize = min(blocksize, n_in)   # One block either way; no padding to compute.
   damp = _args.damp(damp)
   fmt = None
   if quantize is not None:
