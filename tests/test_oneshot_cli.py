@@ -84,3 +84,26 @@ def test_load_run_refuses_a_workdir_without_a_finished_run(tiny_run, tmp_path):
 def test_cli_error_for_an_unfinished_workdir(tmp_path):
   done = _cli(f"--from={tmp_path}", "--method=wanda", "--sparsity=0.5")
   assert done.returncode != 0 and "holds no finished run" in done.stderr
+
+
+def test_finetune_holds_the_one_shot_masks_or_refines_them_with_sr_ste(tiny_run):
+  from flax import nnx
+
+  import jaxprune
+  from jaxprune import oneshot
+  from jaxprune.oneshot import finetune as finetune_lib
+
+  for method in ("mask", "sr_ste"):
+    run = workdir_lib.load_run(tiny_run)
+    result = oneshot.prune(run.model, None, method="magnitude", nm=(2, 4))
+    losses = finetune_lib.finetune(run, run.model, result.masks, steps=3, lr=1e-3,
+                                   method=method, nm=(2, 4))
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    params = nnx.state(run.model, nnx.Param)
+    assert jaxprune.sparsity_summary(params, nm=(2, 4), select=jaxprune.select()).nm_ok
+    kernels = dict(zip(jaxprune.leaf_paths(params), jax.tree.leaves(params), strict=True))
+    for path, kept in result.masks.items():
+      if method == "mask":   # Exactly the one-shot zeros, and the kept weights moved.
+        np.testing.assert_array_equal(np.asarray(kernels[path]) != 0, kept)
+  with pytest.raises(ValueError, match="needs `nm`|give `nm`"):
+    finetune_lib.finetune(run, run.model, {}, steps=1, method="sr_ste")
