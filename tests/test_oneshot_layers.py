@@ -313,6 +313,22 @@ def test_wanda_counts_round_and_ties_prune_the_higher_index():
   assert not np.any(oneshot.wanda(w, norm, sparsity=0.125).mask[2])
 
 
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**16), k=st.integers(0, 12), levels=st.integers(1, 6))
+def test_column_bottom_k_prunes_the_k_smallest_higher_index_first(seed, k, levels):
+  """Against a sort by (score, -row): heavily tied scores, zeros included."""
+  from jaxprune.oneshot.wanda import column_bottom_k
+
+  scores = np.random.default_rng(seed).integers(0, levels, (12, 5)).astype(np.float32) / 2
+  got = np.asarray(jax.jit(column_bottom_k, static_argnums=1)(scores, k))
+  rows = np.arange(12)
+  for c in range(5):
+    order = np.lexsort((-rows, scores[:, c]))
+    want = np.ones(12, bool)
+    want[order[:k]] = False
+    np.testing.assert_array_equal(got[:, c], want)
+
+
 def test_magnitude_is_the_layer_magnitude_mask():
   rng = np.random.default_rng(1)
   w = rng.standard_normal((32, 16)).astype(np.float32)

@@ -203,6 +203,8 @@ def obs_sweep(
         return lax.dynamic_update_slice(carry.mask1, kept, (start, 0))
 
       carry = carry._replace(mask1=choose())
+    if m == 1:   # (no inner loop: one while loop fewer per row)
+      return row_step(start, carry, i1, full_w, d1, u1)
     return lax.fori_loop(start, start + m,
                          lambda i, c: row_step(i, c, i1, full_w, d1, u1), carry)
 
