@@ -67,6 +67,20 @@ def _snap(s: jax.Array, bits: int) -> jax.Array:
   return qb.round_to_significant_bits(s, bits)
 
 
+def _snapped_scale(amax: jax.Array, max_normal: float, bits: int):
+  """``(top, s)`` per group from the bits ``amax`` (finite, nonzero) of its largest ``|x|``:
+  ``s = s~ 2^E``, ``top = max_normal s`` (exact), with ``E = floor(log2 amax)`` and ``s~`` the
+  unit scale ``mantissa(amax) / max_normal`` rounded to ``bits`` significant bits.
+
+  In units of ``2^E``, as ``quantize`` computes, so that tiny groups keep a normal scale;
+  on the bits, since CPUs flush subnormals.
+  """
+  unit_scale = _snap(qb.divide(qb.mantissa(amax), max_normal), bits)
+  e = qb.floor_log2(amax)
+  # max_normal * s~ is exact: it has at most 22 significant bits (scale_bits).
+  return qb.ldexp(max_normal * unit_scale, e), qb.ldexp(unit_scale, e)
+
+
 def _snapped_top(g: jax.Array, max_normal: float, bits: int) -> jax.Array:
   """Groups ``g[..., :]`` with their largest entries set to ``+-max_normal * s~``, others
   clipped to it; ``s~`` is ``amax / max_normal`` rounded to ``bits`` significant bits.
@@ -78,26 +92,81 @@ def _snapped_top(g: jax.Array, max_normal: float, bits: int) -> jax.Array:
   amax = jnp.max(mag, axis=-1, keepdims=True)
   finite = (amax > 0) & (amax < qb.INF_BITS)
   amax = jnp.where(finite, amax, 0x3F800000)
-  # In units of 2^floor(log2 amax), as quantize computes, so that tiny groups keep a normal
-  # scale; on the bits, since CPUs flush subnormals. One value per group.
-  unit_scale = qb.divide(qb.mantissa(amax), max_normal)
-  # max_normal * s~ is exact: it has at most 22 significant bits (scale_bits).
-  top = qb.bits(qb.ldexp(max_normal * _snap(unit_scale, bits), qb.floor_log2(amax)))
+  top = qb.bits(_snapped_scale(amax, max_normal, bits)[0])
   clipped = jnp.where(mag == amax, top, jnp.minimum(mag, top)) | (qb.bits(g) & ~qb.MAG)
   return jax.lax.bitcast_convert_type(jnp.where(finite, clipped, qb.bits(g)), jnp.float32)
+
+
+# The fast path below needs every group's scale s >= 2^-80 (amax >= 2^-60 is enough), so that
+# the numbers it compares and multiplies are normal float32 numbers on every backend.
+_FAST_MIN_AMAX = int(np.float32(2.0**-60).view(np.int32))
+
+
+def _grid_code(x: jax.Array, s: jax.Array, fmt: quant.Format) -> jax.Array:
+  """``round_fmt(fl(x / s))`` for ``0 <= x <= max_normal s`` on a snapped scale ``s >= 2^-80``.
+
+  With ``p = max(floor(log2 t), emin)`` (``p = 0`` for int), the grid around
+  ``t = x / s`` is ``k u``, ``u = 2^(p - mbits)``, and the rounding boundary between
+  ``k u`` and ``(k + 1) u`` is ``h = (k + 1/2) u``. ``h s`` has at most 22
+  significant bits (``mbits + 2`` or ``bits(2 q_max)``, plus :func:`scale_bits`), so
+  it is an exact normal float32 and ``fl(t) > h`` iff ``x > h s``. And ``fl(t) = h``
+  (rounded to the even neighbour) iff ``x = h s``: ``fl(t) = h`` means
+  ``|x - h s| <= s ulp(h) / 2 < ulp(h s)``, which leaves only ``x = h s`` unless ``h s``
+  is a power of two (the float below it is ``ulp(h s) / 2`` away); that needs
+  ``2k + 1 = 1``, where the even neighbour and rounding down are both 0. ``k`` comes
+  from an estimate of ``t``, which only has to be within a fraction of ``u``. No
+  saturation is needed: ``t <= max_normal``, itself a grid value.
+  """
+  t = x * (1.0 / s)  # an estimate: any backend's reciprocal will do
+  if fmt.ebits:  # u = 2^(p - mbits), built from the exponent field of t
+    p_bits = jnp.maximum(qb.bits(t) & qb.INF_BITS, (fmt.emin + 127) << 23)
+    unit = qb.from_bits(p_bits - (fmt.mbits << 23))
+    k = jnp.floor(t * qb.from_bits((254 << 23) - p_bits + (fmt.mbits << 23)))
+  else:
+    unit, k = 1.0, jnp.floor(t)
+  hs = (k + 0.5) * unit * s
+  ki = k.astype(jnp.int32)
+  r = jnp.where(x == hs, ki + (ki & 1), ki + (x > hs).astype(jnp.int32))
+  return r.astype(jnp.float32) * unit
+
+
+def _fast_snapped(g: jax.Array, amax: jax.Array, fmt: quant.Format, bits: int) -> jax.Array:
+  """``grid_quantize`` of finite groups whose largest magnitude (bits ``amax``, broadcast onto
+  ``g``) is 0 or at least ``2^-60``."""
+  mag = qb.bits(g) & qb.MAG
+  top, s = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), fmt.max_normal, bits)
+  x = jnp.where(mag == amax, top, jnp.minimum(qb.from_bits(mag), top))
+  v = _grid_code(x, s, fmt) * s  # exact: at most 22 significant bits, normal
+  # g's sign where v != 0; +0.0 elsewhere.
+  return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
 
 
 def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   """``quantize`` with the int/FP8 scale snapped to ``bits`` significant bits; zeros ``+0.0``.
 
-  bfloat16 ``x``: ``quantize`` itself (its results are fixed points in bfloat16).
+  bfloat16 ``x``: ``quantize`` itself (its results are fixed points in bfloat16). For
+  float32 int and FP8 tensors whose groups are finite with ``amax`` 0 or at least
+  ``2^-60``, the same bits come from :func:`_grid_code` (a fraction of
+  ``quantize``'s work; QAT computes this every step); other tensors take
+  ``quantize``'s general path.
   """
-  if bits is not None and x.dtype == jnp.float32:
-    x = quant.grouped(
-        functools.partial(_snapped_top, max_normal=spec.fmt.max_normal, bits=bits), x, spec)
-  return plus_zero(quant.quantize(x, spec.fmt, axis=spec.axis,
-                                   block_size=spec.block_size or None,
-                                   granularity=spec.granularity))
+  def general(x):
+    if bits is not None and x.dtype == jnp.float32:
+      x = quant.grouped(
+          functools.partial(_snapped_top, max_normal=spec.fmt.max_normal, bits=bits), x, spec)
+    return plus_zero(quant.quantize(x, spec.fmt, axis=spec.axis,
+                                     block_size=spec.block_size or None,
+                                     granularity=spec.granularity))
+
+  if bits is None or x.dtype != jnp.float32 or x.size == 0:
+    return general(x)
+  g, axis = quant.group_axes(x, spec)
+  amax = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
+  fast_ok = jnp.all((amax < qb.INF_BITS) & ((amax == 0) | (amax >= _FAST_MIN_AMAX)))
+  # Computed inside the branches, so that the result is written once.
+  return jax.lax.cond(
+      fast_ok, lambda g, amax: _fast_snapped(g, amax, spec.fmt, bits).reshape(x.shape),
+      lambda g, amax: general(g.reshape(x.shape)), g, amax)
 
 
 def snapped_quantize(

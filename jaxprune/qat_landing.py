@@ -107,14 +107,20 @@ def _rounded(x: jax.Array, dtype) -> jax.Array:
 def _lands(p: jax.Array, u: jax.Array, v: jax.Array, dtype=jnp.float32) -> jax.Array:
   """Whether ``p + u`` is ``v`` in the param ``dtype``, computed as ``optax.apply_updates`` will.
 
-  ``p``, ``u``, ``v``: float32 arrays of ``dtype`` values. The sum is IEEE's,
-  computed on integers (:func:`jaxprune.quant_bits.add`; for bfloat16 rounded
-  once more, which gives the bfloat16 sum since float32 has more than twice
-  bfloat16's 8 significant bits): a fast-math compiler could simplify a float
-  ``p + (v - p)`` to ``v``, and CPUs flush subnormals in float arithmetic. NaN
-  views count as landed.
+  ``p``, ``u``, ``v``: float32 arrays of ``dtype`` values; NaN views count as landed.
+  float32: the backend's own addition, as ``apply_updates`` will do it (IEEE
+  everywhere; subnormal results as the backend treats them), with ``u`` passed
+  through its bits and an integer that is 0 unless ``p`` is NaN, so that no
+  fast-math compiler can simplify ``p + (v - p)`` to ``v``. bfloat16: the IEEE sum on
+  integers (:func:`jaxprune.quant_bits.add`), rounded to bfloat16 (the bfloat16
+  sum: float32 has more than twice bfloat16's 8 significant bits).
   """
-  return (qb.bits(_rounded(qb.add(p, u), dtype)) == qb.bits(v)) | jnp.isnan(v)
+  if dtype == jnp.bfloat16:
+    total = _rounded(qb.add(p, u), dtype)
+  else:
+    opaque = ((qb.bits(p) & qb.MAG) > qb.INF_BITS).astype(jnp.int32)
+    total = p + qb.from_bits(qb.bits(u) | opaque)
+  return (qb.bits(total) == qb.bits(v)) | jnp.isnan(v)
 
 
 def _exponent(b: jax.Array) -> jax.Array:
@@ -202,7 +208,13 @@ def land(v: jax.Array, p: jax.Array, spec) -> tuple[jax.Array, jax.Array]:
   """
   dtype = p.dtype
   v, p = v.astype(jnp.float32), p.astype(jnp.float32)
-  u, hit = landing(v, p, dtype)
-  u, misses = jax.lax.cond(jnp.all(hit), lambda: (u, jnp.zeros([], jnp.int32)),
-                           lambda: correction(v, p, u, hit, spec, dtype))
+  hit = landing(v, p, dtype)[1]
+
+  def corrected(v, p):  # recomputes the check: rarely run, and `hit` need not be stored
+    return correction(v, p, *landing(v, p, dtype), spec, dtype)
+
+  def landed(v, p):  # u again, computed inside the branch so that it is written once
+    return landing(v, p, dtype)[0], jnp.zeros([], jnp.int32)
+
+  u, misses = jax.lax.cond(jnp.all(hit), landed, corrected, v, p)
   return u.astype(dtype), misses

@@ -213,6 +213,19 @@ def make_spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> Sp
               bool(symmetric))
 
 
+def group_axes(x: jax.Array, spec: Spec) -> tuple[jax.Array, int | None]:
+  """``(g, axis)``: ``x`` reshaped (not transposed) so that each scaling group runs along
+  ``axis`` of ``g`` (``None``: all of it, for ``'tensor'``); reductions over ``axis`` with
+  ``keepdims=True`` broadcast back onto ``g``. Undo with ``reshape(x.shape)``."""
+  if spec.granularity == "tensor":
+    return x, None
+  if spec.granularity == "channel":
+    return x, spec.axis
+  shape, a = x.shape, spec.axis
+  blocks = (shape[a] // spec.block_size, spec.block_size)
+  return x.reshape(shape[:a] + blocks + shape[a + 1:]), a + 1
+
+
 def grouped(fn, x: jax.Array, spec: Spec) -> jax.Array:
   """Applies ``fn`` to ``x`` laid out as groups along a last axis, and lays it back."""
   if spec.granularity == "tensor":

@@ -116,6 +116,26 @@ def test_snapped_quantize_short_scale_and_fixed_point(fmt, channel, data):
       assert abs(s_snapped / (np.abs(xc).max() / f.max_normal) - 1) <= 2.0**-b
 
 
+@pytest.mark.parametrize("fmt", ["int2", "int4", "int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_snapped_quantize_fast_path_is_the_general_path(fmt, granularity):
+  """Groups with amax >= 2^-60 take a fast path (exact comparisons with the rounding
+  boundaries h s); scaled by 2^-70 the same tensor takes quantize's general path. Inputs on,
+  next to, and one or two float32 steps from the boundaries."""
+  rng = np.random.default_rng(len(fmt) + len(granularity))
+  x = rng.standard_normal((64, 32)).astype(np.float32)
+  y = np.asarray(snapped(fmt, granularity)(x))
+  grid = np.unique(np.abs(y))
+  mids = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
+  for candidate in (mids, np.nextafter(mids, np.float32(1e9)), np.nextafter(mids, np.float32(0)),
+                    grid, np.nextafter(np.nextafter(mids, np.float32(0)), np.float32(0))):
+    adversarial = np.resize(candidate, x.size).reshape(x.shape) * np.sign(x)
+    adversarial[0] = x[0]  # keeps the scales' largest entries
+    fast = np.asarray(snapped(fmt, granularity)(adversarial))
+    general = np.asarray(snapped(fmt, granularity)(adversarial * np.float32(2.0**-70)))
+    np.testing.assert_array_equal(bits(fast), bits(general * np.float32(2.0**70)))
+
+
 def test_closed_form_first_update():
   """A 4x1 kernel, 2:4 + int4, SGD(1/8): every number below is computed by hand."""
   w = jnp.array([[1.75], [-0.5], [0.25], [1.0]])
