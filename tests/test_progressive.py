@@ -332,6 +332,8 @@ def make(**kwargs):
     (make(dense_steps=2.5), r"`dense_steps` must be an integer"),
     (make(n=9), r"`n` must be in \[1, m\] = \[1, 8\], got n=9"),
     (make(n=0), r"`n` must be >= 1"),
+    (lambda: gradient_flow(optax.adamw, 1, 8, total_steps=100),
+     r"`inner` must be an optax.GradientTransformation, got the function adamw: call it"),
     (lambda: mask_decay(3, "cosine"), r"`decay` must be one of"),
     (lambda: mask_decay(3, "exp"), r"`coef` is needed by decay='exp'"),
     (lambda: default_coef("exp", 0), r"`window` must be >= 1, got 0"),
