@@ -160,6 +160,12 @@ def test_nnx_optimizer_chain_and_checkpoint(tmp_path):
     (lambda: jaxprune.ste(optax.sgd(1.0), jaxprune.UNSTRUCTURED), "needs `sparsity`"),
     (lambda: jaxprune.ste(optax.sgd(1.0), jaxprune.UNSTRUCTURED, sparsity=1.0),
      r"`sparsity` must be in \[0, 1\)"),
+    (lambda: jaxprune.sr_ste(optax.sgd, 2, 4),
+     r"`inner` must be an optax.GradientTransformation, got the function sgd: call it"),
+    (lambda: jaxprune.ste(optax.adam, jaxprune.nm(2, 4)), r"got the function adam: call it"),
+    (lambda: jaxprune.master_weight_transform(
+        "adam", select=None, structure=jaxprune.UNSTRUCTURED, sparsity=0.5,
+        view_fn=lambda w, mask, step: w), r"`inner` must be .*, got 'adam'"),
 ])
 def test_errors(make, match):
   with pytest.raises(ValueError, match=match):
