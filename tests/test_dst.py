@@ -22,6 +22,11 @@ except ImportError:
   from nnx_models import Net, mse_step
 
 
+#: Every kernel, the output head included (the default selection leaves the head dense): the
+#: tests that use it check both layers.
+BOTH = jaxprune.select(head=None)
+
+
 def _f(drop_fraction, t, end_step):
   return drop_fraction / 2 * (1 + math.cos(math.pi * min(t, end_step) / end_step))
 
@@ -103,7 +108,7 @@ def test_every_update_matches_the_rule(method):
   lr, sparsity, drop_fraction, every, end = 0.05, 0.75, 0.5, 3, 16
   make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
   tx = make(optax.sgd(lr), sparsity, drop_fraction=drop_fraction, update_every=every,
-            end_step=end, seed=3)
+            end_step=end, seed=3, select=BOTH)
   params = _params(jax.random.key(0))
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -216,7 +221,7 @@ def test_nnx_model_with_biases_and_layernorm(method, distribution):
   make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
   model = Net(nnx.Rngs(0), din=8, hidden=32, dout=8)
   tx = make(optax.adamw(1e-2), 0.8, drop_fraction=0.3, update_every=4, end_step=40,
-            distribution=distribution)
+            distribution=distribution, select=BOTH)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (64, 8))
   y = jax.random.normal(jax.random.key(2), (64, 8))
@@ -341,7 +346,7 @@ def test_saliency_pruning_hand_case():
 def test_saliency_global_nm_and_gradual():
   params = _params(jax.random.key(6))
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(9), p.shape), params)
-  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, scope="global")
+  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, scope="global", select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   scores = np.concatenate([np.abs(np.asarray(params[n]["kernel"] * grads[n]["kernel"])).ravel()
                            for n in ("dense", "out")])
@@ -531,12 +536,13 @@ def test_snip_global_scope_matches_a_port_of_the_reference():
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
   expected = snip_reference_masks([np.asarray(params[k]) for k in "ab"],
                                   [np.asarray(grads[k]) for k in "ab"], 0.8)
-  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global")
+  # SNIP ranks every layer's connections, the last layer's included.
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global", select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   for k, e in zip("ab", expected, strict=True):
     np.testing.assert_array_equal(np.asarray(state.masks[k]).ravel(), e)
   # The default per-layer ranking is a different mask (b's scores are smaller: 5x smaller w).
-  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8)
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   assert float(np.asarray(state.masks["b"]).mean()) == pytest.approx(0.1875)  # 6 of 32 kept
   assert expected[1].sum() < 6
