@@ -307,6 +307,9 @@ def test_sparsity_zero_keeps_everything_and_nothing_moves():
     (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10.0), r"`end_step` must be an integer"),
     (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10, distribution="uniform",
                            select=jaxprune.select(distribution="erk")), r"contradicts"),
+    (lambda: jaxprune.rigl(optax.adamw, 0.5, end_step=10),
+     r"`inner` must be an optax.GradientTransformation, got the function adamw: call it"),
+    (lambda: jaxprune.set_pruning(optax.sgd, 0.5, end_step=10), r"function sgd: call it"),
 ])
 def test_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
@@ -323,6 +326,68 @@ def test_bad_trees():
     tx.update(params, state)
   with pytest.raises(ValueError, match="tree structure"):
     tx.update({"dense": params["dense"]}, state, params)
+
+
+# ----------------------------------------------------------------------------
+# The invariant counter: pruned entries of the incoming params that are not exactly 0.
+
+
+DST = {
+    "set": lambda inner: jaxprune.set_pruning(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                              select=BOTH),
+    "rigl": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                        select=BOTH),
+    "rigl_reference": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8,
+                                                  seed=1, select=BOTH, convention="reference"),
+}
+
+
+@pytest.mark.parametrize("after", [None, 0.5])
+@pytest.mark.parametrize("method", sorted(DST))
+def test_violations_count_pruned_entries_that_are_not_zero(method, after):
+  """Alone, SET/RigL land every inactive entry on 0 (no violation at any step, masks moving
+  at steps 2, 4, 6); with ``optax.scale(0.5)`` after them, the inactive entries only halve,
+  and the counter is the hand count over the masks of the previous update, from the second
+  update on (the first forward pass sees the dense initial weights)."""
+  tx = DST[method](optax.sgd(0.05))
+  if after is not None:
+    tx = optax.chain(tx, optax.scale(after))
+  update = jax.jit(tx.update)
+  params = _params(jax.random.key(7))
+  state = tx.init(params)
+  dst_state = state if after is None else state[0]
+  assert int(dst_state.violations) == 0
+  expected = 0
+  for t in range(10):
+    grads = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(200 + t), p.shape),
+                         params)
+    if t > 0:
+      for name in ("dense", "out"):
+        mask = np.asarray(dst_state.masks[name]["kernel"])
+        expected += int((np.asarray(params[name]["kernel"])[~mask] != 0).sum())
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    dst_state = state if after is None else state[0]
+    assert int(dst_state.violations) == expected, t
+  found = jaxprune.check(state, params)
+  if after is None:
+    assert expected == 0 and found.ok, str(found)
+  else:
+    assert expected > 0 and found.violations == expected and not found.ok
+    assert "put the pruning transform last" in str(found)
+
+
+def test_violations_of_a_restored_state_without_the_counter_start_from_zero():
+  tx = jaxprune.rigl(optax.sgd(0.1), 0.5, update_every=2, end_step=8, select=BOTH)
+  params = _params(jax.random.key(8))
+  state = tx.init(params)._replace(violations=None)   # a state saved before the counter
+  updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert int(state.violations) == 0     # the first update is not checked
+  params = jax.tree.map(lambda p, u: p + 2 * u, params, updates)  # pruned entries land on -p
+  expected = sum(int((np.asarray(params[n]["kernel"])[~np.asarray(state.masks[n]["kernel"])]
+                      != 0).sum()) for n in ("dense", "out"))
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert expected > 0 and int(state.violations) == expected
 
 
 # ----------------------------------------------------------------------------
