@@ -42,6 +42,12 @@ for SET, uniform or ERK sparsities per layer, :func:`jaxprune.select`). The
 first forward pass still sees the dense initial weights; the first update lands
 the inactive ones on zero. ``drop_fraction=0`` is static random sparse
 training (the same as :func:`jaxprune.random_pruning` at a fixed sparsity).
+
+The state is a :class:`jaxprune.PruningState`. Its ``violations`` counts, at
+every update from the second on, the inactive entries of the incoming params
+that are not exactly 0 (a transform chained after this one, or params edited
+outside the optimizer), summed over steps (:mod:`jaxprune.invariants`); read
+it with :func:`jaxprune.check`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune import _checks
+from jaxprune import _checks, invariants
 from jaxprune import masks as masks_lib
 from jaxprune import pruning as pruning_lib
 from jaxprune import selection as selection_lib
@@ -146,6 +152,17 @@ def reference_connectivity_update(mask: jax.Array, weights: jax.Array, grow_scor
   return kept | grown
 
 
+def _violations(state: pruning_lib.PruningState, params) -> jax.Array:
+  """``state.violations`` plus the inactive entries of ``params`` that are not exactly 0.
+
+  Checked against the masks the previous update landed, from the second
+  update on: the first forward pass sees the dense initial weights, which the
+  first update lands on the initial mask (see the module docstring).
+  """
+  found = invariants.count_violations(state.masks, params)
+  return invariants.saturating_add(state.violations, jnp.where(state.count > 0, found, 0))
+
+
 def _reset_where(tree, grown, like):
   """Zeroes, at the grown positions, every float subtree of ``tree`` shaped like ``like``.
 
@@ -187,6 +204,7 @@ def _dynamic_sparse(
     convention: str = "algorithm1",
 ) -> optax.GradientTransformation:
   """The shared engine of :func:`set_pruning` and :func:`rigl`."""
+  _checks.check_inner(inner)
   if convention not in CONVENTIONS:
     raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
   _checks.check_sparsity("sparsity", sparsity)
@@ -224,6 +242,7 @@ def _dynamic_sparse(
         inner_state=inner.init(params),
         masks=treedef.unflatten(masks),
         count=jnp.zeros([], jnp.int32),
+        violations=jnp.zeros([], jnp.int32),
     )
 
   def grow_scores(layer: _Layer, grad, step):
@@ -266,7 +285,8 @@ def _dynamic_sparse(
     # dropped ones land on 0.
     updates = pruning_lib.masked_update(inner_updates, masks, params)
     return updates, pruning_lib.PruningState(inner_state, masks,
-                                             optax.safe_int32_increment(step))
+                                             optax.safe_int32_increment(step),
+                                             _violations(state, params))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -317,7 +337,8 @@ def _reference_update_fn(inner, layers_of, fraction, update_every, end_step, see
     updates = jax.tree.map(lambda u, g, p: jnp.where(g, -p, u).astype(u.dtype) if jnp.ndim(g)
                            else u, updates, grown, params)   # new connections start at 0
     return updates, pruning_lib.PruningState(inner_state, masks,
-                                             optax.safe_int32_increment(state.count))
+                                             optax.safe_int32_increment(state.count),
+                                             _violations(state, params))
 
   return update_fn
 
@@ -341,7 +362,8 @@ _ARGS_DOC = """
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
-    :class:`jaxprune.PruningState`; its ``masks`` are the current connectivity.
+    :class:`jaxprune.PruningState`; its ``masks`` are the current connectivity,
+    its ``violations`` the invariant counter (see the module docstring).
 """
 
 

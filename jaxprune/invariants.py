@@ -8,7 +8,8 @@ that, and each is counted in the state where the user can read it:
   clip_by_global_norm(1.0))``): they rescale ``-w``, so pruned weights only
   decay towards 0 (or, with ``scale(0.5)``, never reach it). Counted as
   ``violations``: at every ``update``, the pruned entries of the incoming
-  params that are not exactly 0 (one fused reduction), summed over steps.
+  params that are not exactly 0 (one fused reduction), summed over steps
+  (SET and RigL, whose first forward pass is dense, from their second update).
 * **Non-finite weights.** No update ``u`` gives ``w + u == 0`` for ``w`` NaN
   or ``±inf`` (``inf + u`` is ``inf`` or NaN), so ``apply_updates`` cannot
   land them: a pruned NaN or inf stays non-finite and is counted as a
@@ -37,9 +38,15 @@ import numpy as np
 INT32_MAX = 2**31 - 1
 
 
-def saturating_add(total: jax.Array, x: jax.Array) -> jax.Array:
-  """``total + x`` for non-negative int32 counters, stopping at ``2^31 - 1``."""
+def saturating_add(total: jax.Array | None, x: jax.Array) -> jax.Array:
+  """``total + x`` for non-negative int32 counters, stopping at ``2^31 - 1``.
+
+  ``total`` None (the counter of a state built before the counter existed,
+  e.g. restored from an old checkpoint) starts from 0.
+  """
   x = jnp.asarray(x, jnp.int32)
+  if total is None:
+    total = jnp.zeros([], jnp.int32)
   return total + jnp.minimum(x, INT32_MAX - total)
 
 

@@ -64,8 +64,10 @@ class Unstructured:
 class NM:
   """``n`` of every ``m`` consecutive elements along ``axis`` are kept.
 
-  ``axis=None`` means the input (reduction) axis of a Flax kernel, see
-  :func:`default_nm_axis`.
+  ``axis=None`` means each layer's reduction axis, read off its layout by the
+  layer-aware rule of :mod:`jaxprune.layouts` (axis 0 of a Flax ``(in, out)``
+  kernel, 1 of an Equinox ``(out, in)`` weight); leaves that are not kernels
+  keep the rank rule, :func:`default_nm_axis`.
   """
 
   n: int

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import _checks, pruning
+from jaxprune import _checks
 from jaxprune import masks as masks_lib
 from jaxprune.straight_through import ViewTransformation, master_weight_transform
 
@@ -293,7 +293,9 @@ def gradient_flow(
     structure_schedule: ``None`` (MDGF), ``'sparsify'`` or ``'fine'`` (SDGF).
     dense_steps: dense steps ``d >= 0`` at the start.
     finetune_steps: hard-mask steps ``f >= 0`` at the end; ``d + f < T``.
-    axis: the grouping axis; ``None``: the input axis of a Flax kernel.
+    axis: the grouping axis; ``None``: each layer's reduction axis
+      (:mod:`jaxprune.layouts`: axis 0 of a Flax ``(in, out)`` kernel, 1 of an Equinox
+      ``(out, in)`` weight).
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:
@@ -302,6 +304,7 @@ def gradient_flow(
 
   Memory: one dense master copy of the selected weights; masks are recomputed.
   """
+  _checks.check_inner(inner)
   structure = masks_lib.nm(n, m, axis=axis)
   total, dense, finetune = _check_steps(total_steps, dense_steps, finetune_steps)
   frames = None if structure_schedule is None else structure_frames(
@@ -331,16 +334,8 @@ def gradient_flow(
                   for _, a, b in frames]
       return lax.switch(index, branches, jnp.abs(w))
 
-  tx = master_weight_transform(inner, select=select, structure=structure,
-                               sparsity=structure.sparsity, view_fn=view_fn, mask_fn=mask_fn)
-  if frames is None:
-    return tx
-  selection = pruning.as_selection(select)
-
-  def init_fn(params):
-    for leaf in pruning._plan(params, selection, structure.sparsity, structure, "layer"):
-      if leaf is not None:
-        _check_groups(leaf, frames, structure_schedule)
-    return tx.init(params)
-
-  return ViewTransformation(init_fn, tx.update, tx.view)
+  check_leaf = None if frames is None else (
+      lambda leaf, dtype: _check_groups(leaf, frames, structure_schedule))
+  return master_weight_transform(inner, select=select, structure=structure,
+                                 sparsity=structure.sparsity, view_fn=view_fn, mask_fn=mask_fn,
+                                 check_leaf=check_leaf)

@@ -400,15 +400,11 @@ def _pruning_transform(
     updates = masked_update(updates, masks, params)
     return updates, PruningState(
         inner_state, masks, optax.safe_int32_increment(step),
-        _count(state.violations, invariants.count_violations(state.masks, params)),
-        _count(state.clipped, clipped & is_update))
+        invariants.saturating_add(state.violations,
+                                  invariants.count_violations(state.masks, params)),
+        invariants.saturating_add(state.clipped, clipped & is_update))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _count(total: jax.Array | None, x: jax.Array) -> jax.Array:
-  """Adds to a saturating counter; a state without one (None, e.g. restored) starts at 0."""
-  return invariants.saturating_add(jnp.zeros([], jnp.int32) if total is None else total, x)
 
 
 def magnitude_pruning(

@@ -87,9 +87,13 @@ import optax
 
 from jaxprune import _checks, pruning
 from jaxprune import masks as masks_lib
-from jaxprune.straight_through import MasterWeightsState, ViewTransformation, _find_state
-
-_INT32_MAX = 2**31 - 1
+from jaxprune.invariants import INT32_MAX
+from jaxprune.straight_through import (
+    MasterWeightsState,
+    ViewTransformation,
+    master_dtype,
+    master_state,
+)
 
 #: Frozen-``v`` preconditioners of the mask-learning phase, see :func:`step_adam`.
 PRECONDITIONERS = ("corrected", "reference")
@@ -135,7 +139,7 @@ def _is_step_state(x) -> bool:
 
 
 def _step_state(opt_state) -> MasterWeightsState:
-  state = _find_state(opt_state)
+  state = master_state(opt_state)
   if not _is_step_state(state):
     raise ValueError("`opt_state` holds a master-weight state that is not STEP's "
                      "(jaxprune.step.step_adam).")
@@ -270,11 +274,6 @@ def _land(w, p, mask):
   return jnp.where(mask, w.astype(p.dtype) - p, -p)
 
 
-def _state_dtype(x) -> jnp.dtype:
-  """float32 for lower-precision params (bfloat16, float16); float64 stays float64."""
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
-
-
 def step_adam(
     learning_rate: float | optax.Schedule,
     n: int = 2,
@@ -362,7 +361,9 @@ def step_adam(
       ``t_max`` must satisfy ``t_max + 1 < total_steps``.
     preconditioner: ``'corrected'`` or ``'reference'``, see above.
     zero_v: ``'adam'`` or ``'freeze'``, see above.
-    axis: the N:M grouping axis; ``None``: the input axis of a Flax kernel.
+    axis: the N:M grouping axis; ``None``: each layer's reduction axis
+      (:mod:`jaxprune.layouts`: axis 0 of a Flax ``(in, out)`` kernel, 1 of an Equinox
+      ``(out, in)`` weight).
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:
@@ -378,7 +379,7 @@ def step_adam(
   selection = pruning.as_selection(select)
 
   def plan_for(params):
-    return pruning._plan(params, selection, structure.sparsity, structure, "layer")
+    return pruning.plan(params, selection, structure.sparsity, structure, "layer")
 
   def init_fn(params):
     return _init(plan_for(params), params, window, t_max)
@@ -402,7 +403,7 @@ def _init(plan, params, window: int, t_max: int) -> MasterWeightsState:
   leaves, treedef = jax.tree.flatten(params)
 
   def zeros(x):
-    return jnp.zeros(jnp.shape(x), _state_dtype(x))
+    return jnp.zeros(jnp.shape(x), master_dtype(jnp.result_type(x)))
 
   inner = StepState(
       mu=jax.tree.map(zeros, params),
@@ -414,8 +415,8 @@ def _init(plan, params, window: int, t_max: int) -> MasterWeightsState:
                                 for p, x in zip(plan, leaves, strict=True)]),
       t_max=jnp.asarray(t_max, jnp.int32),
   )
-  master = [jnp.zeros((), _state_dtype(x)) if p is None else
-            jnp.array(x, dtype=_state_dtype(x), copy=True)
+  master = [jnp.zeros((), master_dtype(jnp.result_type(x))) if p is None else
+            jnp.array(x, dtype=master_dtype(jnp.result_type(x)), copy=True)
             for p, x in zip(plan, leaves, strict=True)]
   return MasterWeightsState(inner, treedef.unflatten(master), jnp.zeros([], jnp.int32))
 
@@ -445,7 +446,7 @@ def _check_args(b1, b2, switch_eps, t_min, t_max, total_steps, preconditioner, z
   t_min = min(window, t_max) if t_min is None else _checks.check_int("t_min", t_min, minimum=0)
   if t_min > t_max:
     raise ValueError(f"`t_min` must be <= `t_max` = {t_max}, got t_min={t_min}.")
-  return window, min(t_min, _INT32_MAX), min(t_max, _INT32_MAX)
+  return window, min(t_min, INT32_MAX), min(t_max, INT32_MAX)
 
 
 def _update(plan, updates, state, params, learning_rate, zero_v, structure, hyper, switch):

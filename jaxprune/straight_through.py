@@ -68,10 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import _checks, pruning
+from jaxprune import _checks, invariants, pruning
 from jaxprune import masks as masks_lib
-
-_INT32_MAX = 2**31 - 1
 
 
 class MasterWeightsState(NamedTuple):
@@ -124,7 +122,7 @@ def _outermost_states(opt_state) -> list[MasterWeightsState]:
   return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
 
 
-def _state_chain(opt_state) -> list[MasterWeightsState]:
+def master_states(opt_state) -> list[MasterWeightsState]:
   """The master-weight states in ``opt_state``, outermost first, each inside the previous.
 
   Raises unless there is exactly one at every level (a transform wrapping another, e.g.
@@ -143,9 +141,12 @@ def _state_chain(opt_state) -> list[MasterWeightsState]:
     level = found[0].inner_state
 
 
-def _find_state(opt_state) -> MasterWeightsState:
-  """The innermost master-weight state of ``opt_state`` (see :func:`_state_chain`)."""
-  return _state_chain(opt_state)[-1]
+def master_state(opt_state) -> MasterWeightsState:
+  """The innermost master-weight state of ``opt_state`` (see :func:`master_states`)."""
+  return master_states(opt_state)[-1]
+
+
+_state_chain = master_states  # The name jaxprune.qat imports; use master_states.
 
 
 def _is_placeholder(w) -> bool:
@@ -171,7 +172,7 @@ def master_params(opt_state, params=None):
       taken from it, so the result is a full parameter tree. Without it those
       leaves are scalar placeholders.
   """
-  chain = _state_chain(opt_state)
+  chain = master_states(opt_state)
   master = chain[-1].master
   for outer in reversed(chain[:-1]):
     master = jax.tree.map(lambda w, o: o if _is_placeholder(w) else w, master, outer.master)
@@ -219,11 +220,6 @@ def _mismatches(a: jax.Array, b: jax.Array) -> jax.Array:
   magnitude = jnp.asarray(np.iinfo(ba.dtype).max >> 1, ba.dtype)
   same = (ba == bb) | ((ba | bb) & magnitude == 0)
   return jnp.sum(~same, dtype=jnp.int32)
-
-
-def _add_saturating(total: jax.Array, x: jax.Array) -> jax.Array:
-  """``total + x`` for ``x >= 0``, saturating at int32's maximum instead of wrapping around."""
-  return total + jnp.minimum(x, _INT32_MAX - total)
 
 
 def _landing(v: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -300,7 +296,7 @@ def _land(plan, u, views, p_leaves, land_fn, corrections):
     else:
       d, misses = land_fn(leaf, v, p)
       out.append(d.astype(p.dtype))
-      corrections = _add_saturating(corrections, misses)
+      corrections = invariants.saturating_add(corrections, misses)
   return out, corrections, unlanded
 
 
@@ -352,6 +348,7 @@ def master_weight_transform(
   The view is computed in the master's dtype and cast to the param dtype (see
   the module docstring for bfloat16 params).
   """
+  _checks.check_inner(inner)
   if (view_fn is None) == (leaf_view_fn is None):
     raise ValueError("give exactly one of `view_fn` and `leaf_view_fn`.")
   if leaf_view_fn is None:
@@ -362,7 +359,7 @@ def master_weight_transform(
   checks = land_fn is None   # A grid landing counts its own corrections instead.
 
   def plan_for(params):
-    return pruning._plan(params, selection, sparsity, structure, "layer")
+    return pruning.plan(params, selection, sparsity, structure, "layer")
 
   @jax.jit
   def view(params):
@@ -401,7 +398,7 @@ def master_weight_transform(
                   for leaf, g, w, v in zip(plan, g_leaves, w_leaves, now, strict=True)]
     if checks:
       off = _off_view(plan, p_leaves, now) - state.unlanded
-      violations = _add_saturating(violations, jnp.maximum(off, 0))
+      violations = invariants.saturating_add(violations, jnp.maximum(off, 0))
     u, inner_state = inner.update(treedef.unflatten(g_leaves), state.inner_state,
                                   treedef.unflatten(w_leaves))
     u = jax.tree.leaves(u)
@@ -416,12 +413,6 @@ def master_weight_transform(
         violations, unlanded if checks else None)
 
   return ViewTransformation(init_fn, update_fn, view)
-
-
-def is_nonzero(x: jax.Array) -> jax.Array:
-  """``x != 0`` on the bit pattern: exact for subnormals, which CPUs compare as zero."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
-  return bits & jnp.asarray(~(-1 << (8 * x.dtype.itemsize - 1)), bits.dtype) != 0
 
 
 def _masked_view(w, mask, step):
@@ -489,15 +480,17 @@ def sr_ste(
   when the loop left out ``params = tx.view(params)``). As in the reference code
   (aojunzz/NM-sparsity, ``sparse_ops.Sparse.backward``:
   ``grad + decay * (1 - mask) * weight``). PyTorch stores Linear weights as
-  ``(out, in)`` and groups along ``in``; for Flax's ``(in, out)`` kernels
-  that is axis 0, the default here.
+  ``(out, in)`` and groups along ``in``; the default here is the same
+  reduction axis, read off each layer's layout (:mod:`jaxprune.layouts`).
 
   Args:
     inner: the optimizer of the dense weights (the paper uses SGD momentum).
     n: weights kept per group, ``1 <= n <= m``.
     m: group size.
     decay: the refining weight decay ``lambda_W >= 0`` (2e-4 in the paper).
-    axis: the grouping axis; ``None``: the input axis of a Flax kernel.
+    axis: the grouping axis; ``None``: each layer's reduction axis
+      (:mod:`jaxprune.layouts`: axis 0 of a Flax ``(in, out)`` kernel, 1 of an Equinox
+      ``(out, in)`` weight).
     select: which parameters, see :func:`jaxprune.select`.
 
   Memory: one dense float32 copy of the selected weights (also for bfloat16
@@ -512,7 +505,8 @@ def sr_ste(
     del step
     # E(W_t) read off the exact zeros of the view of W_t (where E keeps a zero weight the term
     # is 0 either way): the mask of the forward pass, from the master, also at step 0.
-    return g + (decay * jnp.where(is_nonzero(v), jnp.zeros_like(w), w)).astype(g.dtype)
+    return g + (decay * jnp.where(invariants.is_nonzero(v), jnp.zeros_like(w), w)).astype(
+        g.dtype)
 
   return master_weight_transform(inner, select=select, structure=structure,
                                  sparsity=structure.sparsity, view_fn=_masked_view,

@@ -8,8 +8,8 @@ from flax import nnx
 
 
 class Net(nnx.Module):
-  """Linear -> LayerNorm -> ReLU -> Linear: two kernels to prune, plus biases and a
-  norm scale that a default selection must leave alone."""
+  """Linear -> LayerNorm -> ReLU -> Linear: two kernels, plus biases and a norm scale that a
+  default selection must leave alone (as it leaves ``b``, the output head, dense)."""
 
   def __init__(self, rngs: nnx.Rngs, din: int = 8, hidden: int = 16, dout: int = 4):
     self.a = nnx.Linear(din, hidden, rngs=rngs)

@@ -47,12 +47,16 @@ def _bits(x):
   return np.asarray(jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")))
 
 
+# Both kernels are pruned: the default selection would leave the output head ``b`` dense.
+BOTH = jaxprune.select(head=None)
+
 ENGINE = {
-    "ste_2of4": lambda inner: jaxprune.ste(inner, jaxprune.nm(2, 4)),
-    "ste_unstructured": lambda inner: jaxprune.ste(inner, jaxprune.UNSTRUCTURED, sparsity=0.5),
-    "sr_ste": lambda inner: jaxprune.sr_ste(inner, 2, 4, decay=0.05),
+    "ste_2of4": lambda inner: jaxprune.ste(inner, jaxprune.nm(2, 4), select=BOTH),
+    "ste_unstructured": lambda inner: jaxprune.ste(inner, jaxprune.UNSTRUCTURED, sparsity=0.5,
+                                                   select=BOTH),
+    "sr_ste": lambda inner: jaxprune.sr_ste(inner, 2, 4, decay=0.05, select=BOTH),
     "gradient_flow": lambda inner: jaxprune.gradient_flow(inner, 2, 4, total_steps=10,
-                                                          decay="step"),
+                                                          decay="step", select=BOTH),
 }
 
 
@@ -118,11 +122,13 @@ def test_master_weights_are_float32_and_params_the_exact_cast_view(name, dtype_n
 
 
 PRUNERS = {
-    "magnitude": lambda inner: jaxprune.magnitude_pruning(inner, 0.75),
-    "nm_asp": lambda inner: jaxprune.nm_pruning(inner, 2, 4),
-    "random": lambda inner: jaxprune.random_pruning(inner, 0.75, seed=3),
-    "set": lambda inner: jaxprune.set_pruning(inner, 0.75, update_every=2, end_step=8, seed=1),
-    "rigl": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8, seed=1),
+    "magnitude": lambda inner: jaxprune.magnitude_pruning(inner, 0.75, select=BOTH),
+    "nm_asp": lambda inner: jaxprune.nm_pruning(inner, 2, 4, select=BOTH),
+    "random": lambda inner: jaxprune.random_pruning(inner, 0.75, seed=3, select=BOTH),
+    "set": lambda inner: jaxprune.set_pruning(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                              select=BOTH),
+    "rigl": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                        select=BOTH),
 }
 
 

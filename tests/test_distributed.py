@@ -39,9 +39,10 @@ MESHES = ((8, 1), (4, 2))
 EVAL_RTOL = 1e-5
 PARAM_ATOL = 2e-4
 # The state leaves shaped like each kernel of the block, which must shard like it: Adam's
-# moments, and the method's own masks (gmp) or dense master weights (SR-STE, STEP).
+# moments, and the method's own masks (gmp) or dense master weights (SR-STE, STEP), and STEP's
+# per-entry flags of the entries whose v was 0 at the switch (StepState.adam_v).
 KINDS = {"dense": {"mu", "nu"}, "gmp": {"mu", "nu", "masks"},
-         "sr_ste_2of4": {"mu", "nu", "master"}, "step_2of4": {"mu", "nu", "master"}}
+         "sr_ste_2of4": {"mu", "nu", "master"}, "step_2of4": {"mu", "nu", "master", "adam_v"}}
 # One checkpoint per run instead of two (checkpoint_every is result-independent): the first
 # Orbax save of 8-way sharded state costs seconds of eager slicing on CPU.
 ONE_CHECKPOINT = {"checkpoint_every": 40}

@@ -22,6 +22,11 @@ except ImportError:
   from nnx_models import Net, mse_step
 
 
+#: Every kernel, the output head included (the default selection leaves the head dense): the
+#: tests that use it check both layers.
+BOTH = jaxprune.select(head=None)
+
+
 def _f(drop_fraction, t, end_step):
   return drop_fraction / 2 * (1 + math.cos(math.pi * min(t, end_step) / end_step))
 
@@ -103,7 +108,7 @@ def test_every_update_matches_the_rule(method):
   lr, sparsity, drop_fraction, every, end = 0.05, 0.75, 0.5, 3, 16
   make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
   tx = make(optax.sgd(lr), sparsity, drop_fraction=drop_fraction, update_every=every,
-            end_step=end, seed=3)
+            end_step=end, seed=3, select=BOTH)
   params = _params(jax.random.key(0))
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -216,7 +221,7 @@ def test_nnx_model_with_biases_and_layernorm(method, distribution):
   make = jaxprune.rigl if method == "rigl" else jaxprune.set_pruning
   model = Net(nnx.Rngs(0), din=8, hidden=32, dout=8)
   tx = make(optax.adamw(1e-2), 0.8, drop_fraction=0.3, update_every=4, end_step=40,
-            distribution=distribution)
+            distribution=distribution, select=BOTH)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (64, 8))
   y = jax.random.normal(jax.random.key(2), (64, 8))
@@ -302,6 +307,9 @@ def test_sparsity_zero_keeps_everything_and_nothing_moves():
     (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10.0), r"`end_step` must be an integer"),
     (lambda: jaxprune.rigl(optax.sgd(1.0), 0.5, end_step=10, distribution="uniform",
                            select=jaxprune.select(distribution="erk")), r"contradicts"),
+    (lambda: jaxprune.rigl(optax.adamw, 0.5, end_step=10),
+     r"`inner` must be an optax.GradientTransformation, got the function adamw: call it"),
+    (lambda: jaxprune.set_pruning(optax.sgd, 0.5, end_step=10), r"function sgd: call it"),
 ])
 def test_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
@@ -318,6 +326,68 @@ def test_bad_trees():
     tx.update(params, state)
   with pytest.raises(ValueError, match="tree structure"):
     tx.update({"dense": params["dense"]}, state, params)
+
+
+# ----------------------------------------------------------------------------
+# The invariant counter: pruned entries of the incoming params that are not exactly 0.
+
+
+DST = {
+    "set": lambda inner: jaxprune.set_pruning(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                              select=BOTH),
+    "rigl": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8, seed=1,
+                                        select=BOTH),
+    "rigl_reference": lambda inner: jaxprune.rigl(inner, 0.75, update_every=2, end_step=8,
+                                                  seed=1, select=BOTH, convention="reference"),
+}
+
+
+@pytest.mark.parametrize("after", [None, 0.5])
+@pytest.mark.parametrize("method", sorted(DST))
+def test_violations_count_pruned_entries_that_are_not_zero(method, after):
+  """Alone, SET/RigL land every inactive entry on 0 (no violation at any step, masks moving
+  at steps 2, 4, 6); with ``optax.scale(0.5)`` after them, the inactive entries only halve,
+  and the counter is the hand count over the masks of the previous update, from the second
+  update on (the first forward pass sees the dense initial weights)."""
+  tx = DST[method](optax.sgd(0.05))
+  if after is not None:
+    tx = optax.chain(tx, optax.scale(after))
+  update = jax.jit(tx.update)
+  params = _params(jax.random.key(7))
+  state = tx.init(params)
+  dst_state = state if after is None else state[0]
+  assert int(dst_state.violations) == 0
+  expected = 0
+  for t in range(10):
+    grads = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(200 + t), p.shape),
+                         params)
+    if t > 0:
+      for name in ("dense", "out"):
+        mask = np.asarray(dst_state.masks[name]["kernel"])
+        expected += int((np.asarray(params[name]["kernel"])[~mask] != 0).sum())
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    dst_state = state if after is None else state[0]
+    assert int(dst_state.violations) == expected, t
+  found = jaxprune.check(state, params)
+  if after is None:
+    assert expected == 0 and found.ok, str(found)
+  else:
+    assert expected > 0 and found.violations == expected and not found.ok
+    assert "put the pruning transform last" in str(found)
+
+
+def test_violations_of_a_restored_state_without_the_counter_start_from_zero():
+  tx = jaxprune.rigl(optax.sgd(0.1), 0.5, update_every=2, end_step=8, select=BOTH)
+  params = _params(jax.random.key(8))
+  state = tx.init(params)._replace(violations=None)   # a state saved before the counter
+  updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert int(state.violations) == 0     # the first update is not checked
+  params = jax.tree.map(lambda p, u: p + 2 * u, params, updates)  # pruned entries land on -p
+  expected = sum(int((np.asarray(params[n]["kernel"])[~np.asarray(state.masks[n]["kernel"])]
+                      != 0).sum()) for n in ("dense", "out"))
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert expected > 0 and int(state.violations) == expected
 
 
 # ----------------------------------------------------------------------------
@@ -341,7 +411,7 @@ def test_saliency_pruning_hand_case():
 def test_saliency_global_nm_and_gradual():
   params = _params(jax.random.key(6))
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(9), p.shape), params)
-  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, scope="global")
+  tx = jaxprune.saliency_pruning(optax.sgd(0.0), 0.5, scope="global", select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   scores = np.concatenate([np.abs(np.asarray(params[n]["kernel"] * grads[n]["kernel"])).ravel()
                            for n in ("dense", "out")])
@@ -531,12 +601,13 @@ def test_snip_global_scope_matches_a_port_of_the_reference():
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
   expected = snip_reference_masks([np.asarray(params[k]) for k in "ab"],
                                   [np.asarray(grads[k]) for k in "ab"], 0.8)
-  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global")
+  # SNIP ranks every layer's connections, the last layer's included.
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, scope="global", select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   for k, e in zip("ab", expected, strict=True):
     np.testing.assert_array_equal(np.asarray(state.masks[k]).ravel(), e)
   # The default per-layer ranking is a different mask (b's scores are smaller: 5x smaller w).
-  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8)
+  tx = jaxprune.saliency_pruning(optax.sgd(0.1), 0.8, select=BOTH)
   _, state = tx.update(grads, tx.init(params), params)
   assert float(np.asarray(state.masks["b"]).mean()) == pytest.approx(0.1875)  # 6 of 32 kept
   assert expected[1].sum() < 6

@@ -222,9 +222,10 @@ def test_while_b_is_one_the_model_is_the_dense_model():
 ])
 def test_phases_and_frames_every_step(structure_schedule, decay):
   n, m, total, dense, finetune = 1, 8, 13, 2, 3
+  # Both kernels go through the phases (the default would leave the head, b, dense).
   tx = gradient_flow(optax.adam(1e-2), n, m, total_steps=total, decay=decay, coef=0.3,
                      structure_schedule=structure_schedule, dense_steps=dense,
-                     finetune_steps=finetune)
+                     finetune_steps=finetune, select=jaxprune.select(head=None))
   frames = None if structure_schedule is None else structure_frames(
       n, m, structure_schedule, total_steps=total, dense_steps=dense, finetune_steps=finetune)
   seen = set()
@@ -276,7 +277,7 @@ def test_nnx_optimizer_under_jax_jit():
   total, finetune = 16, 6
   model = Net(nnx.Rngs(0), din=16, hidden=32)
   tx = gradient_flow(optax.adamw(1e-2), 1, 8, total_steps=total, dense_steps=4,
-                     finetune_steps=finetune, coef=0.5)
+                     finetune_steps=finetune, coef=0.5, select=jaxprune.select(head=None))
   nnx.update(model, jax.jit(tx.view)(nnx.state(model, nnx.Param)))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
@@ -331,6 +332,8 @@ def make(**kwargs):
     (make(dense_steps=2.5), r"`dense_steps` must be an integer"),
     (make(n=9), r"`n` must be in \[1, m\] = \[1, 8\], got n=9"),
     (make(n=0), r"`n` must be >= 1"),
+    (lambda: gradient_flow(optax.adamw, 1, 8, total_steps=100),
+     r"`inner` must be an optax.GradientTransformation, got the function adamw: call it"),
     (lambda: mask_decay(3, "cosine"), r"`decay` must be one of"),
     (lambda: mask_decay(3, "exp"), r"`coef` is needed by decay='exp'"),
     (lambda: default_coef("exp", 0), r"`window` must be >= 1, got 0"),
@@ -349,6 +352,6 @@ def test_group_sizes_are_checked_at_init():
     tx.init({"w": jnp.ones((16, 4))})
   with pytest.raises(ValueError, match=match):
     tx.view({"w": jnp.ones((16, 4))})
-  with pytest.raises(ValueError, match=r"`m` = 4 must divide the size 6 of axis 0 of w"):
+  with pytest.raises(ValueError, match=r"w \(6, 4\): m=4 does not divide size 6 of axis 0"):
     gradient_flow(optax.sgd(0.1), 1, 4, total_steps=10).init({"w": jnp.ones((6, 4))})
   tx.init({"w": jnp.ones((32, 4))})  # 32, 16, 8 and 4 divide 32

@@ -197,7 +197,10 @@ def test_jin_global_gradual_pruning_matches_a_port():
             "b": jnp.asarray(0.3 * rng.standard_normal((16, 8)), jnp.float32)}
   start, end, frequency, sparsity = 4, 16, 4, 0.8
   schedule = jaxprune.geometric_schedule(sparsity, start, end, frequency=frequency)
-  tx = jaxprune.magnitude_pruning(optax.sgd(0.05), schedule, scope="global")
+  # Both kernels share the threshold, as both are in the port (select(head=None): the default
+  # selection would leave b, the last layer, dense).
+  tx = jaxprune.magnitude_pruning(optax.sgd(0.05), schedule, scope="global",
+                                  select=jaxprune.select(head=None))
   state, update = tx.init(params), jax.jit(tx.update)
   total = params["a"].size + params["b"].size
   masks, count_gaps = [np.ones(params["a"].shape), np.ones(params["b"].shape)], []

@@ -126,7 +126,8 @@ def test_unstructured_ste_and_master_params():
 
 def test_nnx_optimizer_chain_and_checkpoint(tmp_path):
   model = Net(nnx.Rngs(0))
-  tx = jaxprune.sr_ste(optax.adamw(1e-2), 2, 4)
+  # Both kernels pruned (the default would leave the head, b, dense).
+  tx = jaxprune.sr_ste(optax.adamw(1e-2), 2, 4, select=jaxprune.select(head=None))
   nnx.update(model, tx.view(nnx.state(model, nnx.Param)))  # first forward sees the view
   optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), tx),
                             wrt=nnx.Param)
@@ -159,6 +160,12 @@ def test_nnx_optimizer_chain_and_checkpoint(tmp_path):
     (lambda: jaxprune.ste(optax.sgd(1.0), jaxprune.UNSTRUCTURED), "needs `sparsity`"),
     (lambda: jaxprune.ste(optax.sgd(1.0), jaxprune.UNSTRUCTURED, sparsity=1.0),
      r"`sparsity` must be in \[0, 1\)"),
+    (lambda: jaxprune.sr_ste(optax.sgd, 2, 4),
+     r"`inner` must be an optax.GradientTransformation, got the function sgd: call it"),
+    (lambda: jaxprune.ste(optax.adam, jaxprune.nm(2, 4)), r"got the function adam: call it"),
+    (lambda: jaxprune.master_weight_transform(
+        "adam", select=None, structure=jaxprune.UNSTRUCTURED, sparsity=0.5,
+        view_fn=lambda w, mask, step: w), r"`inner` must be .*, got 'adam'"),
 ])
 def test_errors(make, match):
   with pytest.raises(ValueError, match=match):
@@ -167,7 +174,7 @@ def test_errors(make, match):
 
 def test_init_and_update_errors():
   tx = jaxprune.sr_ste(optax.sgd(1.0), 2, 4)
-  with pytest.raises(ValueError, match=r"`m` = 4 must divide the size 6 of axis 0 of w"):
+  with pytest.raises(ValueError, match=r"w \(6, 4\): m=4 does not divide size 6 of axis 0"):
     tx.init({"w": jnp.ones((6, 4))})
   state = tx.init({"w": jnp.ones((8, 4))})
   with pytest.raises(ValueError, match="does not have the tree structure"):
@@ -240,7 +247,8 @@ def test_an_update_that_cannot_land_exactly_is_not_a_violation():
 def test_check_leaf_hook_sees_every_selected_leaf_at_init():
   calls = []
   tx = jaxprune.master_weight_transform(
-      optax.sgd(0.1), select=None, structure=jaxprune.nm(2, 4), sparsity=0.5,
+      optax.sgd(0.1), select=jaxprune.select(head=None), structure=jaxprune.nm(2, 4),
+      sparsity=0.5,
       view_fn=lambda w, mask, step: jnp.where(mask, w, 0.0),
       check_leaf=lambda leaf, dtype: calls.append((leaf.path, leaf.shape, leaf.axis, dtype)))
   params = {"a": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},

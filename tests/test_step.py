@@ -17,6 +17,11 @@ except ImportError:
   from nnx_models import Net, mse_step
 
 
+#: Every kernel, the output head included (the default selection leaves the head dense); the
+#: tests that use it are about both layers of a two-layer model.
+BOTH = jaxprune.select(head=None)
+
+
 def normal(seed, *shape):
   """NumPy random data: JAX's RNG would compile a kernel per shape (seconds per test)."""
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
@@ -83,14 +88,15 @@ def test_autoswitch_fires_at_the_closed_form_step():
   rng = np.random.default_rng(7)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.uniform(0.5, 2.0, p.shape), jnp.float32), params)
   b2, switch_eps, t_min, t_max = 0.8, 2e-3, 3, 40
-  selected = [grads["dense_0"]["kernel"], grads["dense_1"]["kernel"]]  # the default selection
+  selected = [grads["dense_0"]["kernel"], grads["dense_1"]["kernel"]]  # with head=None below
   mean_g2 = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in selected) / sum(
       g.size for g in selected)
   t_s, z_mean = expected_switch(mean_g2, b2, switch_eps, t_min, t_max)
   assert t_min + 1 < t_s <= t_max  # switched on Z, not forced
   # Not a float32 coin toss: the window mean crosses the threshold with room to spare.
   assert z_mean[t_s - 2] > 1.01 * switch_eps > 1.02 * z_mean[t_s - 1]
-  tx = step_lib.step_adam(1e-3, b2=b2, switch_eps=switch_eps, t_min=t_min, t_max=t_max)
+  tx = step_lib.step_adam(1e-3, b2=b2, switch_eps=switch_eps, t_min=t_min, t_max=t_max,
+                          select=BOTH)
   history = constant_run(tx, params, grads, t_s + 2)
   for t, (_, state) in enumerate(history, start=1):
     switched, switch_step = step_lib.step_phase(state)
@@ -230,7 +236,7 @@ def test_plain_optax_loop_nm_every_step_frozen_v_and_adamw_biases():
   params = dict_params()
   x, y = data()
   kw = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-3)
-  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=5, **kw)
+  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=5, select=BOTH, **kw)
   bias_ref = optax.adamw(1e-2, **kw)  # on the unselected leaves alone
   unselected = lambda tree: {"b0": tree["dense_0"]["bias"], "b1": tree["dense_1"]["bias"],  # noqa: E731
                              "s": tree["norm"]["scale"]}
@@ -268,7 +274,7 @@ def test_plain_optax_loop_nm_every_step_frozen_v_and_adamw_biases():
 
 def test_nnx_optimizer_and_orbax_round_trip(tmp_path):
   model = Net(nnx.Rngs(0))
-  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=8)
+  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=8, select=BOTH)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x, y = normal(1, 32, 8), normal(2, 32, 4)
 
@@ -337,7 +343,7 @@ def test_construction_errors(kwargs, match):
 
 def test_init_update_and_phase_errors():
   tx = step_lib.step_adam(1e-3)
-  with pytest.raises(ValueError, match=r"`m` = 4 must divide the size 6 of axis 0 of w"):
+  with pytest.raises(ValueError, match=r"w \(6, 4\): m=4 does not divide size 6 of axis 0"):
     tx.init({"w": jnp.ones((6, 4))})
   state = tx.init({"w": jnp.ones((8, 4))})
   with pytest.raises(ValueError, match="`update` needs `params`"):
@@ -515,7 +521,7 @@ def test_dead_relu_units_step_trains_wherever_adamw_trains():
   _, _, adamw = train(optax.adamw(1e-2, **kw), params, loss, 80)
   assert adamw[-1] < 0.5 * adamw[0]  # AdamW trains (units 0-3 stay dead, v = 0 there)
 
-  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=20, **kw)
+  tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=20, select=BOTH, **kw)
   params_step, state, losses = train(tx, params, loss, 80)
   nu = state.inner_state.nu
   assert (np.asarray(nu["w1"])[:, :4] > 0).all()  # revived: their v kept Adam's update
@@ -535,7 +541,7 @@ def test_dead_relu_units_step_trains_wherever_adamw_trains():
   # lr * m / eps, and the weights explode within a few steps of the switch.
   for preconditioner in PRECONDITIONERS:
     tx = step_lib.step_adam(1e-2, switch_eps=0.0, t_min=0, t_max=20, zero_v="freeze",
-                            preconditioner=preconditioner, **kw)
+                            preconditioner=preconditioner, select=BOTH, **kw)
     _, state, _ = train(tx, params, loss, 25)
     master = jaxprune.master_params(state)
     assert float(jnp.max(jnp.abs(master["w2"]))) > 1e3, preconditioner
@@ -579,7 +585,7 @@ def test_total_steps_sets_t_max_and_short_runs_switch():
 def test_bfloat16_params_keep_float32_master_and_moments():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), dict_params())
   x, y = data()
-  tx = step_lib.step_adam(1e-2, b2=0.9, switch_eps=0.0, t_min=0, t_max=6)
+  tx = step_lib.step_adam(1e-2, b2=0.9, switch_eps=0.0, t_min=0, t_max=6, select=BOTH)
   state = tx.init(params)
   inner = state.inner_state
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((inner.mu, inner.nu)))
