@@ -149,7 +149,6 @@ def plan(params, selection, final, structure, scope, *, tile: int | None = None
   return plan_with_skipped(params, selection, final, structure, scope, tile=tile)[0]
 
 
-_plan = plan  # The name other modules used before the hook was public.
 
 
 class SkippedLayerWarning(UserWarning):

@@ -87,7 +87,7 @@ from jaxprune.qat_landing import land
 from jaxprune.straight_through import (
   MasterWeightsState,
   ViewTransformation,
-  _state_chain,
+  master_states,
   master_weight_transform,
 )
 
@@ -324,7 +324,7 @@ def quantization(
   tx = _engine(inner, settings, selection, spec_of)
 
   def plan_of(params):
-    return pruning._plan(params, selection, settings.target, settings.structure, "layer")
+    return pruning.plan(params, selection, settings.target, settings.structure, "layer")
 
   def init_fn(params):
     _check_params(plan_of(params), params, spec_of)
@@ -358,7 +358,7 @@ def quantization_corrections(opt_state) -> jax.Array:
     An int32 scalar (saturating at ``2^31 - 1``), summed over nested
     quantization transforms.
   """
-  counts = [jnp.asarray(s.corrections) for s in _state_chain(opt_state)
+  counts = [jnp.asarray(s.corrections) for s in master_states(opt_state)
             if s.corrections is not None]
   if not counts:
     raise ValueError("`opt_state` holds no jaxprune.quantization state.")

@@ -367,11 +367,9 @@ def step_adam(
     select: which parameters, see :func:`jaxprune.select`.
 
   Returns:
-    A :class:`jaxprune.ViewTransformation`; ``view(params)`` is
-    ``params`` (the precondition phase is dense). Its state is a
-    :class:`jaxprune.MasterWeightsState` holding a :class:`StepState`;
-    read it with :func:`step_phase`, :func:`step_status` and
-    :func:`jaxprune.master_params`. Memory: see the module docstring.
+    A :class:`jaxprune.ViewTransformation` (``view`` is the identity: the precondition phase
+    is dense) whose :class:`jaxprune.MasterWeightsState` holds a :class:`StepState`; read it
+    with :func:`step_phase`, :func:`step_status`, :func:`jaxprune.master_params`.
   """
   structure = masks_lib.nm(n, m, axis=axis)
   window, t_min, t_max = _check_args(b1, b2, switch_eps, t_min, t_max, total_steps,

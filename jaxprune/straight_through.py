@@ -146,7 +146,6 @@ def master_state(opt_state) -> MasterWeightsState:
   return master_states(opt_state)[-1]
 
 
-_state_chain = master_states  # The name jaxprune.qat imports; use master_states.
 
 
 def _is_placeholder(w) -> bool:

@@ -282,8 +282,10 @@ def _options(method, sparsity, nm, quantize, quantizer, group_size, act_order, b
 
 def _plans(o: _Options, params, select, sparsity) -> dict[str, _Plan]:
   selection = pruning_lib.as_selection(select)
+  # Unstructured targets have no grouping axis: 0 stands in, so that kernels whose layout only
+  # the traced layer tells (an Einsum kernel without bias) need no override.
   specs = selection_lib.resolve(selection, params, sparsity or 0.0,
-                                m=o.nm[1] if o.nm else None)
+                                m=o.nm[1] if o.nm else None, axis=None if o.nm else 0)
   plans = {}
   for spec, leaf in zip(specs, jax.tree.leaves(params), strict=True):
     if spec is not None:
@@ -303,6 +305,43 @@ def _warn_rank(path: str, tokens: int, h, damp: float) -> None:
         f"(rank <= {tokens}); the methods use H + lambda I with lambda = damp * mean(diag H) = "
         f"{damp} * mean(diag H) = {', '.join(f'{x:.4g}' for x in np.ravel(lam))}. Give more "
         "calibration data.", CalibrationWarning, stacklevel=3)
+
+
+def _finish_layer(o, tree, masks, plan, lay, h, tokens: int, calib_s: float) -> LayerReport:
+  """Prunes/quantizes one layer in ``tree`` (its mask into ``masks``) and reports it."""
+  t0 = time.perf_counter()
+  old = tree[plan.path]
+  new, kept = _process(o, plan, old, h, lay)
+  new = jax.block_until_ready(new)
+  seconds = time.perf_counter() - t0
+  tree[plan.path] = new.astype(old.dtype)
+  if kept is not None:
+    masks[plan.path] = kept
+  error = None if h is None else _relative_error(old, new, h, lay)
+  return LayerReport(plan.path, plan.shape, _target(o, plan),
+                     float(np.mean(np.asarray(new) == 0)), error, tokens, seconds, calib_s)
+
+
+def _runner(model, variables, forward):
+  """The calibration runner of an NNX module, or of a linen module with its ``variables``."""
+  if isinstance(model, nnx.Module):
+    if variables is not None:
+      raise ValueError("`variables` is for linen models; an NNX model holds its parameters.")
+    return calibration.nnx_runner(model, forward)
+  if isinstance(model, nn.Module):
+    if variables is None:
+      raise ValueError("a linen model needs its `variables` ({'params': ...}).")
+    return calibration.linen_runner(model, variables, forward)
+  raise ValueError(f"`model` must be a Flax NNX or linen Module, got {type(model).__name__}.")
+
+
+def _check_owl_select(select) -> None:
+  """OWL sets every layer's sparsity, so ``select`` must be uniform without overrides."""
+  selection = pruning_lib.as_selection(select)
+  if selection.distribution != "uniform" or any(
+      x.sparsity is not None for _, x in selection.overrides):
+    raise ValueError("distribution='owl' sets every selected layer's sparsity: use a uniform "
+                     "`select` without sparsity overrides.")
 
 
 def prune(
@@ -385,43 +424,19 @@ def prune(
   start = time.perf_counter()
   o = _options(method, sparsity, nm, quantize, quantizer, group_size, act_order, blocksize, damp,
                distribution)
-  if isinstance(model, nnx.Module):
-    if variables is not None:
-      raise ValueError("`variables` is for linen models; an NNX model holds its parameters.")
-    runner = calibration.nnx_runner(model, forward)
-  elif isinstance(model, nn.Module):
-    if variables is None:
-      raise ValueError("a linen model needs its `variables` ({'params': ...}).")
-    runner = calibration.linen_runner(model, variables, forward)
-  else:
-    raise ValueError(f"`model` must be a Flax NNX or linen Module, got {type(model).__name__}.")
+  runner = _runner(model, variables, forward)
   batches = None if batches is None else list(batches)
   needs_data = o.method in ("wanda", "sparsegpt") or (o.quantize and o.quantizer == "gptq")
   if not batches and (needs_data or distribution == "owl"):
     raise ValueError("this method needs calibration `batches` (a non-empty sequence).")
   plans = _plans(o, runner.params, select, sparsity)
   if distribution == "owl":
-    selection = pruning_lib.as_selection(select)
-    if selection.distribution != "uniform" or any(
-        x.sparsity is not None for _, x in selection.overrides):
-      raise ValueError("distribution='owl' sets every selected layer's sparsity: use a uniform "
-                       "`select` without sparsity overrides.")
+    _check_owl_select(select)
   tree = calibration.Tree(runner.params)
   rows, masks = [], {}
 
   def finish_layer(plan, lay, h, tokens, calib_s):
-    t0 = time.perf_counter()
-    old = tree[plan.path]
-    new, kept = _process(o, plan, old, h, lay)
-    new = jax.block_until_ready(new)
-    seconds = time.perf_counter() - t0
-    tree[plan.path] = new.astype(old.dtype)
-    if kept is not None:
-      masks[plan.path] = kept
-    error = None if h is None else _relative_error(old, new, h, lay)
-    rows.append(LayerReport(plan.path, plan.shape, _target(o, plan),
-                            float(np.mean(np.asarray(new) == 0)), error, tokens, seconds,
-                            calib_s))
+    rows.append(_finish_layer(o, tree, masks, plan, lay, h, tokens, calib_s))
 
   if not batches:
     for plan in plans.values():
@@ -439,7 +454,7 @@ def prune(
       calib_s = time.perf_counter() - t0
       tokens = int(tokens)
       for path, lay in zip(stage.paths, stage.layouts, strict=True):
-        if o.method in ("wanda", "sparsegpt") or (o.quantize and o.quantizer == "gptq"):
+        if needs_data:
           _warn_rank(path, tokens, h, o.damp)
         finish_layer(plans[path], lay, jnp.asarray(h), tokens, calib_s)
   params = runner.finish(tree.tree())
