@@ -29,7 +29,7 @@ from jaxprune.masks import (
     random_mask,
     random_nm_mask,
 )
-from jaxprune.progressive import gradient_flow, mask_decay, structure_frames
+from jaxprune.progressive import gradient_flow
 from jaxprune.pruning import (
     PruningState,
     SkippedLayerWarning,
@@ -44,8 +44,10 @@ from jaxprune.schedules import (
     applied_sparsity,
     constant_schedule,
     geometric_schedule,
+    mask_decay,
     one_shot_schedule,
     polynomial_schedule,
+    structure_frames,
 )
 from jaxprune.selection import (
     LeafSpec,

@@ -28,6 +28,8 @@ Jin et al.'s MaxText loop (:func:`geometric_schedule`) counts as we do.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -305,3 +307,177 @@ def applied_sparsity(schedule, num_steps: int) -> np.ndarray:
   updates = np.asarray(is_update_step(schedule, jnp.asarray(steps)), bool)
   last = np.maximum.accumulate(np.where(updates, steps, -1))
   return np.where(last >= 0, values[np.maximum(last, 0)], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Progressive gradient flow (jaxprune.gradient_flow): the mask value b_t of
+# pruned weights (MDGF) and the N:M patterns over the sparse window (SDGF).
+# ---------------------------------------------------------------------------
+
+DECAYS = ("exp", "linear", "step")
+STRUCTURE_SCHEDULES = ("sparsify", "fine")
+
+#: The ``fine`` schedule's group sizes are ``m * 2**k`` for these ``k``.
+_FINE_LEVELS = (3, 2, 1, 0)
+
+#: ``b`` where the sparse window ends when ``coef`` is left to its default ('exp').
+B_END = 0.01
+
+
+def check_decay(decay) -> str:
+  if decay not in DECAYS:
+    raise ValueError(f"`decay` must be one of {DECAYS}, got {decay!r}.")
+  return decay
+
+
+def check_coef(coef) -> float:
+  if (isinstance(coef, bool) or not isinstance(coef, numbers.Real)
+      or not math.isfinite(coef) or coef <= 0):
+    raise ValueError(f"`coef` must be a finite number > 0, got {coef!r}.")
+  return float(coef)
+
+
+def check_steps(total_steps, dense_steps, finetune_steps) -> tuple[int, int, int]:
+  total = _checks.check_int("total_steps", total_steps, minimum=1)
+  dense = _checks.check_int("dense_steps", dense_steps, minimum=0)
+  finetune = _checks.check_int("finetune_steps", finetune_steps, minimum=0)
+  if dense + finetune >= total:
+    raise ValueError(
+        f"`dense_steps` + `finetune_steps` must be < `total_steps` (the sparse window "
+        f"must not be empty), got {dense} + {finetune} >= {total}.")
+  return total, dense, finetune
+
+
+def default_coef(decay: str, window: int) -> float:
+  """The decay rate that brings ``b`` to its end value where the sparse window ends.
+
+  .. math::  c = \\frac{\\ln(1 / b_{end})}{L} \\ (\\text{'exp'}), \\qquad
+             c = \\frac{1}{L} \\ (\\text{'linear'}),
+
+  with ``L = window`` the steps of the sparse window and ``b_end =``
+  :data:`B_END` = 0.01: the exponential decay reaches 0.01 and the linear one
+  reaches 0 at ``t = L``, the first step of the hard mask, so that the pruned
+  weights hardly contribute any more when they are cut. ``'step'`` has no
+  rate (1.0 is returned and not used).
+
+  A fixed rate gives each run length another ``b`` at the hard mask. The
+  authors' ViT-B config (``vit_base_training.yaml`` in
+  abhibambhaniya/progressive_gradient_flow_nm_sparsity: ``decay_type: EXP``,
+  ``decay_coef: 0.0001``; 350 epochs of about 1,251 steps, ~438k steps) has
+  ``b`` below 0.01 after 46k steps (10.5% of training) and at ``e^{-44}`` by
+  the end; ``c = 8e-4`` in an 800-step run with a 10% fine-tune phase leaves
+  ``b = 0.56`` at step 720, where the hard mask arrives.
+
+  Args:
+    decay: ``'exp'``, ``'linear'`` or ``'step'``.
+    window: ``L >= 1``.
+  """
+  decay = check_decay(decay)
+  window = _checks.check_int("window", window, minimum=1)
+  if decay == "exp":
+    return math.log(1.0 / B_END) / window
+  return 1.0 / window
+
+
+def mask_decay(t, decay: str = "exp", coef: float | None = None) -> jax.Array:
+  """``b_t``, the mask value of pruned weights ``t`` steps into the sparse window.
+
+  .. math::
+
+      b_t = \\begin{cases}
+        e^{-c\\, t} & \\text{'exp' (MDGF-Exponential)} \\\\
+        \\max(0, 1 - c\\, t) & \\text{'linear' (MDGF-Linear)} \\\\
+        0 & \\text{'step'}
+      \\end{cases} \\qquad (t \\ge 0),
+
+  and ``b_t = 1`` for ``t < 0`` (the dense phase), so ``'step'`` is the unit
+  step: dense, then a binary mask from the first sparse step on (the
+  reference code's ``StepDecay``, i.e. STE after a dense warm-up). For
+  ``'exp'`` the half-life is ``ln 2 / c``: ``b(ln 2 / c) = 0.5``. For
+  ``'linear'`` the mask is binary from ``t = 1 / c`` on.
+
+  Args:
+    t: steps since the start of the sparse window, scalar or array; may be
+      traced.
+    decay: ``'exp'``, ``'linear'`` or ``'step'``.
+    coef: the decay rate ``c > 0`` per step; needed by ``'exp'`` and
+      ``'linear'`` (see :func:`default_coef`), unused by ``'step'``.
+
+  Returns:
+    ``b_t`` as float32, of the shape of ``t``.
+  """
+  decay = check_decay(decay)
+  if decay == "step" and coef is None:
+    coef = 1.0
+  elif coef is None:
+    raise ValueError(f"`coef` is needed by decay={decay!r}; see jaxprune.schedules."
+                     "default_coef for the rate that fits a sparse window.")
+  coef = check_coef(coef)
+  t = jnp.asarray(t, jnp.float32)
+  if decay == "exp":
+    b = jnp.exp(-coef * jnp.maximum(t, 0.0))
+  elif decay == "linear":
+    b = jnp.clip(1.0 - coef * t, 0.0, 1.0)
+  else:
+    b = jnp.zeros_like(t)
+  return jnp.where(t < 0, 1.0, b)
+
+
+def _patterns(n: int, m: int, schedule: str) -> list[tuple[int, int]]:
+  if schedule == "fine":
+    return [(n << k, m << k) for k in _FINE_LEVELS]
+  # (m-1):m, then m/2, m/4, ... kept per group while above n, then n:m.
+  kept = [m - 1] + [m >> k for k in range(1, m.bit_length())]
+  return [(k, m) for k in dict.fromkeys([k for k in kept if k > n] + [n])]
+
+
+def structure_frames(
+    n: int,
+    m: int,
+    schedule: str,
+    *,
+    total_steps: int,
+    dense_steps: int = 0,
+    finetune_steps: int = 0,
+) -> list[tuple[int, int, int]]:
+  """The SDGF patterns and the step at which each starts: ``[(start, n_k, m_k), ...]``.
+
+  The sparse window ``[dense_steps, total_steps - finetune_steps)`` of
+  ``L`` steps is cut into ``F`` equal frames, frame ``i`` starting at
+  ``dense_steps + floor(i L / F)``; the last frame's pattern is the target
+  ``n:m`` and also holds through the fine-tune phase.
+
+  * ``'sparsify'`` (SdGf-Stepwise, fixed ``m``): ``(m-1):m, (m/2):m,
+    (m/4):m, ...`` while above ``n``, then ``n:m``; e.g. 1:8 gives 7:8, 4:8,
+    2:8, 1:8.
+  * ``'fine'`` (SdGf-Geometric, fixed ratio): ``(n 2^k):(m 2^k)`` for
+    ``k = 3, 2, 1, 0``; e.g. 1:8 gives 8:64, 4:32, 2:16, 1:8. Every group
+    size must divide the grouping axis of every pruned parameter.
+
+  Example: ``structure_frames(1, 8, 'sparsify', total_steps=100,
+  dense_steps=10, finetune_steps=10)`` is ``[(10, 7, 8), (30, 4, 8),
+  (50, 2, 8), (70, 1, 8)]``.
+
+  Args:
+    n: target kept per group, ``1 <= n <= m``.
+    m: target group size.
+    schedule: ``'sparsify'`` or ``'fine'``.
+    total_steps: all training steps, ``>= 1``.
+    dense_steps: dense steps at the start, ``>= 0``.
+    finetune_steps: hard-mask steps at the end, ``>= 0``; the window between
+      must hold at least one step per frame.
+  """
+  n, m = _checks.check_nm(n, m)
+  if schedule not in STRUCTURE_SCHEDULES:
+    raise ValueError(
+        f"`structure_schedule` must be one of {STRUCTURE_SCHEDULES} or None, got {schedule!r}.")
+  total, dense, finetune = check_steps(total_steps, dense_steps, finetune_steps)
+  patterns = _patterns(n, m, schedule)
+  window = total - dense - finetune
+  if window < len(patterns):
+    listed = ", ".join(f"{a}:{b}" for a, b in patterns)
+    raise ValueError(
+        f"`structure_schedule` = {schedule!r} has {len(patterns)} frames ({listed}) but the "
+        f"sparse window [dense_steps, total_steps - finetune_steps) = [{dense}, "
+        f"{total - finetune}) has only {window} steps; it needs at least one step per frame.")
+  return [(dense + i * window // len(patterns), a, b) for i, (a, b) in enumerate(patterns)]
