@@ -36,14 +36,26 @@ def check_sparsity(name: str, value) -> None:
     raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
 
 
-def check_int(name: str, value, *, minimum: int | None = None) -> int:
-  """Raises unless ``value`` is an integer ``>= minimum``; returns it as ``int``."""
+#: Optax counts steps in int32: a step argument beyond it is never reached (and overflows jit).
+MAX_STEP = 2**31 - 1
+
+
+def check_int(name: str, value, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+  """Raises unless ``value`` is an integer in ``[minimum, maximum]``; returns it as ``int``."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"`{name}` must be an integer, got {value!r}.")
   value = int(value)
   if minimum is not None and value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"`{name}` must be <= {maximum}, got {value}.")
   return value
+
+
+def check_step(name: str, value, *, minimum: int | None = 0) -> int:
+  """A step argument: an integer in ``[minimum, 2^31 - 1]`` (optax's int32 step count)."""
+  return check_int(name, value, minimum=minimum, maximum=MAX_STEP)
 
 
 def check_nm(n, m) -> tuple[int, int]:

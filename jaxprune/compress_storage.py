@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxprune import masks as masks_lib
 from jaxprune import quant
 from jaxprune import selection as selection_lib
 from jaxprune.compress import LeafLayout, check_finite, compress_leaf, leaf_layouts
@@ -348,6 +351,56 @@ def decompress(compressed: CompressedParams):
   return compressed.treedef.unflatten(leaves)
 
 
+def _expected_fields(lay: LeafLayout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The shape and dtype of each array ``_encode`` stores for ``lay`` (from an all-zero leaf;
+  an unstructured mask's ``values`` length is checked against the mask instead)."""
+  if not lay.compressed:
+    return {"dense": (tuple(lay.shape), np.dtype(lay.dtype))}
+  zeros = np.zeros(lay.shape, np.dtype(lay.dtype))
+  return {k: (v.shape, v.dtype) for k, v in _encode(zeros, lay).items()}
+
+
+def check_stored(fields: Mapping[str, np.ndarray], lay: LeafLayout, where: str) -> None:
+  """Raises unless ``fields`` are what ``_encode`` stores for ``lay``: the same arrays with
+  their sizes and dtypes, N:M indices strictly increasing below ``m`` in every group, and an
+  unstructured mask whose kept count is the layout's and matches the stored values."""
+  try:
+    expected = _expected_fields(lay)
+  except (ValueError, TypeError, KeyError, IndexError) as e:
+    raise ValueError(f"{where}: the layout of {lay.path} is not valid ({e}).") from e
+  if set(fields) != set(expected):
+    raise ValueError(f"{where}: {lay.path} stores {sorted(fields)}, its layout needs "
+                     f"{sorted(expected)}.")
+  for k, (shape, dtype) in expected.items():
+    got = np.asarray(fields[k])
+    if got.dtype != dtype or (got.shape != shape and not (k == "values" and "mask" in fields)):
+      raise ValueError(f"{where}: {lay.path}'s {k!r} has shape {got.shape} and dtype "
+                       f"{got.dtype}; its layout {tuple(lay.shape)} needs {shape} {dtype}.")
+  if "mask" in fields:
+    size = math.prod(lay.shape)
+    bits = np.unpackbits(np.asarray(fields["mask"]), bitorder="little")
+    kept = int(bits[:size].sum())
+    want = size - int(masks_lib.num_pruned(lay.sparsity, size))
+    stored = np.asarray(fields["values"]).size
+    if bits[size:].any() or kept != want or stored != _values_size(kept, lay):
+      raise ValueError(f"{where}: {lay.path}'s mask keeps {kept} of {size} entries, with "
+                       f"{stored} stored values (padding bits set: {bool(bits[size:].any())}); "
+                       f"sparsity {lay.sparsity} keeps {want}.")
+  if "index" in fields:
+    n, m = lay.nm
+    count = math.prod(lay.shape) // m * n
+    index = _unpack_bits(np.asarray(fields["index"]), _index_bits(m), count).reshape(-1, n)
+    if (index >= m).any() or (np.diff(index, axis=1) <= 0).any():
+      raise ValueError(f"{where}: {lay.path}'s N:M indices are not {n} distinct positions "
+                       f"below m={m} in every group.")
+
+
+def _values_size(kept: int, lay: LeafLayout) -> int:
+  """The size of the stored ``values`` of ``kept`` entries (codes below 8 bits are packed)."""
+  fmt = quant.get_format(lay.fmt) if lay.fmt else None
+  return kept if fmt is None or fmt.bits == 8 else -(-kept * fmt.bits // 8)
+
+
 def _layout_json(lay: LeafLayout) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in lay._asdict().items()}
 
@@ -359,11 +412,24 @@ def _layout_from_json(d: Mapping[str, Any]) -> LeafLayout:
   return LeafLayout(**d)
 
 
+def _digest(layouts_json: list, leaves: Sequence[Mapping[str, np.ndarray]]) -> str:
+  """sha256 of the layouts (canonical JSON) and of every stored array's name, dtype, shape and
+  bytes, in order."""
+  h = hashlib.sha256(json.dumps(layouts_json, sort_keys=True).encode())
+  for i, fields in enumerate(leaves):
+    for k in sorted(fields):
+      a = np.ascontiguousarray(fields[k])
+      h.update(f"{i}/{k}:{a.dtype.name}{a.shape}".encode())
+      h.update(a.tobytes())
+  return h.hexdigest()
+
+
 def save_compressed(path: str | os.PathLike, compressed: CompressedParams) -> None:
   """Saves with Orbax: the arrays (``StandardSave``) and the layouts (``JsonSave``).
 
   ``path`` must not exist. Zero-size arrays, which Orbax refuses, are not
-  written; their shapes are in the JSON.
+  written; their shapes are in the JSON, with a sha256 of the layouts and arrays
+  that :func:`load_compressed` verifies.
   """
   import orbax.checkpoint as ocp
 
@@ -374,6 +440,7 @@ def save_compressed(path: str | os.PathLike, compressed: CompressedParams) -> No
       "arrays": [{k: [list(v.shape), v.dtype.name] for k, v in f.items()}
                  for f in compressed.leaves],
   }
+  meta["sha256"] = _digest(meta["layouts"], compressed.leaves)
   arrays = {k: v for k, v in arrays.items() if v}
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   checkpointer.save(os.fspath(os.path.abspath(path)), ocp.args.Composite(
@@ -388,13 +455,22 @@ def load_compressed(path: str | os.PathLike, like=None) -> CompressedParams:
     like: optionally a tree with the original structure (params, or
       ``jax.ShapeDtypeStruct`` s); its leaf paths must match. Without it,
       :func:`decompress` returns nested dicts.
+
+  Raises:
+    ValueError: naming ``path``, when the layout JSON is unreadable, the arrays or layouts
+      do not match the stored sha256 (a damaged or edited checkpoint), or a stored array
+      does not fit its layout (sizes, dtypes, N:M indices, the mask's kept count).
   """
   import orbax.checkpoint as ocp
 
   path = os.fspath(os.path.abspath(path))
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  specs = [{k: (tuple(s), np.dtype(d)) for k, (s, d) in f.items()} for f in meta["arrays"]]
+  try:
+    meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    specs = [{k: (tuple(s), np.dtype(d)) for k, (s, d) in f.items()} for f in meta["arrays"]]
+  except (ValueError, TypeError, KeyError) as e:   # json.JSONDecodeError is a ValueError
+    raise ValueError(f"{path}: the layout file (meta) is not what save_compressed writes "
+                     f"({type(e).__name__}: {e}); the checkpoint is damaged or edited.") from e
   target = {str(i): {k: np.zeros(s, d) for k, (s, d) in f.items() if math.prod(s)}
             for i, f in enumerate(specs)}
   target = {k: v for k, v in target.items() if v}
@@ -405,7 +481,14 @@ def load_compressed(path: str | os.PathLike, like=None) -> CompressedParams:
   leaves = tuple(
       {k: np.asarray(arrays[str(i)][k]) if math.prod(s) else np.zeros(s, d)
        for k, (s, d) in f.items()} for i, f in enumerate(specs))
+  if meta.get("sha256") != _digest(meta["layouts"], leaves):
+    raise ValueError(f"{path}: the stored arrays or layouts do not match the checksum written "
+                     "by save_compressed (sha256 of both): the checkpoint is damaged or edited.")
   layouts = tuple(_layout_from_json(d) for d in meta["layouts"])
+  if len(layouts) != len(leaves):
+    raise ValueError(f"{path}: {len(layouts)} layouts for {len(leaves)} stored leaves.")
+  for fields, lay in zip(leaves, layouts, strict=True):
+    check_stored(fields, lay, path)
   treedef = None
   if like is not None:
     paths = selection_lib.leaf_paths(like)

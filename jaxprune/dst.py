@@ -84,6 +84,19 @@ class _Layer(NamedTuple):
   active: int
 
 
+def _active_layer(name: str, index: int, spec, x) -> _Layer:
+  """The layer's :class:`_Layer`; raises, naming it, if its target leaves no active weight."""
+  size = math.prod(jnp.shape(x))
+  active = size - masks_lib.num_pruned(spec.sparsity, size)
+  if active < 1:
+    raise ValueError(
+        f"jaxprune.{name}: {spec.path} (shape {tuple(jnp.shape(x))}) would keep no active "
+        f"weight: sparsity {spec.sparsity:g} prunes round({spec.sparsity:g} * {size}) = {size} "
+        f"of its {size} entries. Give it a lower sparsity (select(overrides={{{spec.path!r}: "
+        "{'sparsity': s}})) or leave it out of `select`.")
+  return _Layer(index, tuple(jnp.shape(x)), active)
+
+
 def drop_fraction_schedule(drop_fraction: float, end_step: int) -> optax.Schedule:
   """``f(t) = drop_fraction / 2 * (1 + cos(pi * t / end_step))``, 0 after ``end_step``.
 
@@ -211,7 +224,7 @@ def _dynamic_sparse(
   if not (_checks.is_concrete(drop_fraction) and 0.0 <= float(drop_fraction) <= 1.0):
     raise ValueError(f"`drop_fraction` must be in [0, 1], got {drop_fraction!r}.")
   update_every = _checks.check_int("update_every", update_every, minimum=1)
-  end_step = _checks.check_int("end_step", end_step, minimum=1)
+  end_step = _checks.check_step("end_step", end_step, minimum=1)
   seed = _checks.check_int("seed", seed)
   selection = pruning_lib.as_selection(select)
   if distribution is not None:
@@ -226,8 +239,7 @@ def _dynamic_sparse(
 
   def layers_of(params) -> list[_Layer]:
     specs = selection_lib.resolve(selection, params, sparsity)
-    return [_Layer(i, tuple(jnp.shape(x)),
-                   math.prod(jnp.shape(x)) - masks_lib.num_pruned(spec.sparsity, jnp.size(x)))
+    return [_active_layer(_NAMES[grow], i, spec, x)
             for i, (spec, x) in enumerate(zip(specs, jax.tree.leaves(params), strict=True))
             if spec is not None]
 

@@ -584,7 +584,7 @@ def nm_pruning(
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
   structure = masks_lib.nm(n, m, axis=axis)
-  prune_step = _checks.check_int("prune_step", prune_step, minimum=0)
+  prune_step = _checks.check_step("prune_step", prune_step, minimum=0)
   schedule = schedules_lib.one_shot_schedule(structure.sparsity, prune_step)
   return _pruning_transform(
       inner, schedule, structure=structure, scope="layer", select=select, normalize=False)

@@ -191,14 +191,14 @@ def constant_schedule(sparsity: float, *, frequency: int | None = None) -> Const
   """
   _checks.check_sparsity("sparsity", sparsity)
   if frequency is not None:
-    frequency = _checks.check_int("frequency", frequency, minimum=1)
+    frequency = _checks.check_step("frequency", frequency, minimum=1)
   return ConstantSchedule(sparsity, frequency)
 
 
 def one_shot_schedule(sparsity: float, step: int = 0) -> OneShotSchedule:
   """Prune once to ``sparsity`` (in [0, 1)) at ``step`` (>= 0) and hold the mask."""
   _checks.check_sparsity("sparsity", sparsity)
-  step = _checks.check_int("step", step, minimum=0)
+  step = _checks.check_step("step", step, minimum=0)
   return OneShotSchedule(sparsity, step)
 
 
@@ -233,7 +233,7 @@ def polynomial_schedule(
   begin_step, end_step = _check_window(begin_step, end_step)
   if not power > 0:
     raise ValueError(f"`power` must be > 0, got {power}.")
-  frequency = _checks.check_int("frequency", frequency, minimum=1)
+  frequency = _checks.check_step("frequency", frequency, minimum=1)
   if convention not in CONVENTIONS:
     raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
   return PolynomialSchedule(float(init_sparsity), float(final_sparsity), begin_step, end_step,
@@ -241,8 +241,8 @@ def polynomial_schedule(
 
 
 def _check_window(begin_step, end_step) -> tuple[int, int]:
-  begin_step = _checks.check_int("begin_step", begin_step, minimum=0)
-  end_step = _checks.check_int("end_step", end_step)
+  begin_step = _checks.check_step("begin_step", begin_step, minimum=0)
+  end_step = _checks.check_step("end_step", end_step, minimum=None)
   if end_step <= begin_step:
     raise ValueError(
         f"`end_step` must be > `begin_step` = {begin_step}, got end_step={end_step}.")
@@ -274,7 +274,7 @@ def geometric_schedule(
   """
   _checks.check_sparsity("final_sparsity", final_sparsity)
   begin_step, end_step = _check_window(begin_step, end_step)
-  frequency = _checks.check_int("frequency", frequency, minimum=1)
+  frequency = _checks.check_step("frequency", frequency, minimum=1)
   return GeometricSchedule(float(final_sparsity), begin_step, end_step, frequency)
 
 
@@ -338,9 +338,9 @@ def check_coef(coef) -> float:
 
 
 def check_steps(total_steps, dense_steps, finetune_steps) -> tuple[int, int, int]:
-  total = _checks.check_int("total_steps", total_steps, minimum=1)
-  dense = _checks.check_int("dense_steps", dense_steps, minimum=0)
-  finetune = _checks.check_int("finetune_steps", finetune_steps, minimum=0)
+  total = _checks.check_step("total_steps", total_steps, minimum=1)
+  dense = _checks.check_step("dense_steps", dense_steps, minimum=0)
+  finetune = _checks.check_step("finetune_steps", finetune_steps, minimum=0)
   if dense + finetune >= total:
     raise ValueError(
         f"`dense_steps` + `finetune_steps` must be < `total_steps` (the sparse window "

@@ -419,6 +419,10 @@ def _init(plan, params, window: int, t_max: int) -> MasterWeightsState:
   return MasterWeightsState(inner, treedef.unflatten(master), jnp.zeros([], jnp.int32))
 
 
+#: The largest AutoSwitch window ``T_w`` (a ring buffer of ``T_w`` float32 in the state: 4 MiB).
+MAX_WINDOW = 2**20
+
+
 def _check_args(b1, b2, switch_eps, t_min, t_max, total_steps, preconditioner, zero_v):
   """Validates the arguments of :func:`step_adam`; returns ``(T_w, t_min, t_max)``."""
   if _checks.is_concrete(b1) and not 0.0 <= b1 < 1.0:
@@ -435,6 +439,10 @@ def _check_args(b1, b2, switch_eps, t_min, t_max, total_steps, preconditioner, z
   if total_steps is not None:
     total_steps = _checks.check_int("total_steps", total_steps, minimum=2)
   window = int(1 / (1 - float(b2)))
+  if window > MAX_WINDOW:
+    raise ValueError(f"`b2` = {b2!r} gives an AutoSwitch window T_w = int(1 / (1 - b2)) = "
+                     f"{window:,} steps, whose ring buffer would not fit; `b2` must be <= "
+                     f"{1 - 1 / MAX_WINDOW} (T_w <= {MAX_WINDOW:,}).")
   t_max = default_t_max(b2, total_steps) if t_max is None else _checks.check_int(
       "t_max", t_max, minimum=0)
   if total_steps is not None and t_max + 1 >= total_steps:

@@ -227,8 +227,10 @@ def test_error_analysis_matches_compress_and_pools_totals():
   params = {"a": {"kernel": rng.normal(size=(16, 8)).astype(F32)},
             "b": {"kernel": 3 * rng.normal(size=(16, 8)).astype(F32)},
             "embed": {"embedding": rng.normal(size=(8, 8)).astype(F32)}}
-  res = error_analysis(params, "int4", sparsity=0.5)
-  assert [r.path for r in res.rows] == ["a/kernel", "b/kernel"]  # Default selection.
+  # The default selection leaves the output head (the last kernel, b) dense.
+  assert [r.path for r in error_analysis(params, "int4", sparsity=0.5).rows] == ["a/kernel"]
+  res = error_analysis(params, "int4", sparsity=0.5, select=sel.select(head=None))
+  assert [r.path for r in res.rows] == ["a/kernel", "b/kernel"]
   num, den = np.zeros(4), 0.0
   for r in res.rows:
     w = params[r.path.split("/")[0]]["kernel"]
@@ -247,7 +249,7 @@ def test_error_analysis_matches_compress_and_pools_totals():
     ({"inputs": {"a/kernel": np.ones((2, 3))}}, "must be (batch, 16)"),
     ({"fmt": None}, "needs a quantization `fmt`"),
     ({"fmt": "fp4"}, "Unknown format"),
-    ({"nm": (2, 3)}, "is not divisible by m=3"),
+    ({"nm": (2, 3)}, "m=3 does not divide size 16 of axis 0"),
 ])
 def test_error_analysis_bad_input(kwargs, message):
   params = {"a": {"kernel": np.ones((16, 8), F32)}, "embed": {"embedding": np.ones((8, 8), F32)}}
@@ -353,7 +355,7 @@ def test_export_selection_axis_and_structure():
             "embed": {"embedding": rng.normal(size=(4, 8)).astype(F32)},
             "conv": {"kernel": rng.normal(size=(3, 3, 8, 4)).astype(F32)},
             "steps": np.int32(3)}
-  select = sel.select(overrides={"a/kernel": {"axis": 1}})
+  select = sel.select(overrides={"a/kernel": {"axis": 1}}, head=None)   # conv is the last kernel
   c = export_compressed(params, fmt="mxfp4_e2m1", nm=(2, 4), block_size=8, select=select)
   assert [lay.axis for lay in c.layouts] == [1, 2, None, None]  # conv: the I of HWIO.
   out = decompress(c)
