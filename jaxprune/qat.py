@@ -207,15 +207,14 @@ def _view_in(dtype, v: jax.Array, spec: quant.Spec) -> jax.Array:
   return grid_quantize(qb.to_bfloat16(v), spec, None)
 
 
-def _check_params(plan, params, spec_of) -> None:
-  """``init``: every selected leaf is float32 or bfloat16 and fits the format's settings."""
-  for leaf, x in zip(plan, jax.tree.leaves(params), strict=True):
-    if leaf is not None:
-      if jnp.asarray(x).dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(
-            f"{leaf.path}: quantization-aware training needs float32 or bfloat16 params, "
-            f"got {jnp.asarray(x).dtype}; keep it out of `select` or cast it.")
-      spec_of(leaf)
+def _check_leaf(spec_of, leaf, dtype) -> None:
+  """``init``: a selected leaf is float32 or bfloat16 (the landing keeps both exact: bfloat16
+  params land on bfloat16 grid points, :func:`_view_in`) and fits the format's settings."""
+  if dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(
+        f"{leaf.path}: quantization-aware training needs float32 or bfloat16 params, "
+        f"got {dtype}; keep it out of `select` or cast it.")
+  spec_of(leaf)
 
 
 def _engine(inner, settings: _Settings, selection, spec_of) -> ViewTransformation:
@@ -238,7 +237,8 @@ def _engine(inner, settings: _Settings, selection, spec_of) -> ViewTransformatio
   custom_mask = not settings.own_sparsity or settings.order == "qs"
   return master_weight_transform(
       inner, select=selection, structure=settings.structure, sparsity=settings.target,
-      mask_fn=mask_fn if custom_mask else None, leaf_view_fn=leaf_view, land_fn=land_fn)
+      mask_fn=mask_fn if custom_mask else None, leaf_view_fn=leaf_view, land_fn=land_fn,
+      check_leaf=functools.partial(_check_leaf, spec_of))
 
 
 def quantization(
@@ -327,7 +327,6 @@ def quantization(
     return pruning.plan(params, selection, settings.target, settings.structure, "layer")
 
   def init_fn(params):
-    _check_params(plan_of(params), params, spec_of)
     state = tx.init(params)
     if _owns_sparsity(state.inner_state):
       _check_inner_sparsity(settings.order, settings.own_sparsity)

@@ -240,7 +240,7 @@ def _check_leaves(plan, params, land_fn, check_leaf) -> None:
     if leaf is None:
       continue
     dtype = np.dtype(jnp.asarray(x).dtype)
-    if land_fn is not None and master_dtype(dtype) != dtype:
+    if land_fn is not None and check_leaf is None and master_dtype(dtype) != dtype:
       raise ValueError(
           f"{leaf.path}: this transform lands the params exactly on a grid (a `land_fn`, e.g. "
           f"quantization-aware training), which needs params in their master dtype "
@@ -337,7 +337,9 @@ def master_weight_transform(
       where ``p + u`` is not ``v``; default ``v - p``, not counted. When
       given, the state's ``corrections`` sums the misses, its
       ``violations`` is ``None``, and selected params must be in their
-      master dtype (float32, not bfloat16).
+      master dtype (float32, not bfloat16), unless ``check_leaf`` is given:
+      then the method says which dtypes its ``land_fn`` lands exactly (QAT
+      lands bfloat16 params on bfloat16 grid points).
     check_leaf: ``(leaf_plan, dtype) -> None``, called at ``init`` for every
       selected leaf (after the engine's own checks) so that a method can
       reject what it cannot handle with a ``ValueError`` naming
