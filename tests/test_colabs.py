@@ -14,10 +14,13 @@ in CI, and the kernel must still run the tests' own interpreter.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
+import subprocess
 import sys
 import time
 
@@ -55,7 +58,7 @@ PROBES = {
         "qat_exact": qat_exact, "qat_loss": qat_loss, "loaded_loss": loaded_loss}""",
     "scaling_laws": """{
         "fits": {k: f.as_dict() for k, f in fits.items()},
-        "runs": int(data["loss"].size)}""",
+        "status": status, "runs": int(data["loss"].size)}""",
 }
 
 
@@ -101,6 +104,35 @@ def test_committed_without_outputs(name):
   assert not params.source.lstrip().startswith(("import", "%")), "parameters: values only"
   missing = set(SMALL[name]) - assigned_names(params.source)
   assert not missing, f"{name}: the parameters cell does not set {sorted(missing)}"
+
+
+def install_requirement(name: str, source: str | None = None) -> list[str] | None:
+  """The pip command the first code cell runs where jaxprune is not importable (as on Colab),
+  with ``JAXPRUNE_SOURCE`` set to ``source``; ``None`` where it is importable."""
+  cell = next(c for c in read(name).cells if c.cell_type == "code").source
+  if source is not None:
+    cell = re.sub(r"^JAXPRUNE_SOURCE = .*$", f"JAXPRUNE_SOURCE = {source!r}", cell, count=1,
+                  flags=re.M)
+  calls = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    mp.setattr(subprocess, "check_call", calls.append)
+    exec(compile(cell, f"{name}.ipynb", "exec"), {})  # noqa: S102 (the notebook's own cell)
+  return calls[0] if calls else None
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_install_cell_uses_the_one_source(name):
+  """The default installs the repository; a local checkout (the offline path) installs it
+  from disk; the rest of the cell never names a repository."""
+  default = install_requirement(name)
+  assert default[-1] == "jaxprune[plots] @ git+https://github.com/jaxprune/jaxprune"
+  assert default[:4] == [sys.executable, "-m", "pip", "install"]
+  assert install_requirement(name, str(ROOT))[-1] == f"{ROOT}[plots]"
+  fork = "git+https://example.org/me/jaxprune@branch"
+  assert install_requirement(name, fork)[-1] == f"jaxprune[plots] @ {fork}"
+  cell = next(c for c in read(name).cells if c.cell_type == "code").source
+  assert cell.count("github.com") == 1, "the repository is named in one place"
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +238,10 @@ def check_scaling_laws(v):
   assert v["runs"] > 5
   for fit in v["fits"].values():
     assert all(math.isfinite(fit[k]) for k in ("E", "A", "B", "alpha", "beta", "rmse_log"))
+  # The notebook says which fits are degenerate: the N_avg fit's E sits at its bound 0 (as in
+  # the committed report), whatever the number of bootstrap resamples.
+  assert sorted(v["status"]) == sorted(v["fits"])
+  assert any("term E at its bound 0" in reason for reason in v["status"]["N_avg"]), v["status"]
 
 
 CHECKS = {
