@@ -112,8 +112,11 @@ __all__ = [
 
 
 def vocab_size(config) -> int:
-  """256 for a byte corpus; the tokenizer's vocabulary for a token corpus (``data.format``)."""
-  if config.data.format != "tokens":
+  """256 for a byte corpus; the tokenizer's vocabulary for a token corpus (``data.format``).
+
+  A config saved before ``data.format`` existed (e.g. in an older sweep CSV) is a byte corpus.
+  """
+  if config.data.get("format", "bytes") != "tokens":
     return 256
   return tokens_lib.vocabulary(config.data.path)
 

@@ -15,6 +15,9 @@ import pytest
 import jaxprune
 from jaxprune.compress import compress_params
 
+# Runs scripts/compress_report.py on a trained model: end to end, in the slow suite.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ("eps_s", "eps_q", "eps_sq", "eps_qs", "out_eps_s", "out_eps_q", "out_eps_sq",
           "out_eps_qs")

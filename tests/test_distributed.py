@@ -87,6 +87,9 @@ import numpy as np
 import jaxprune
 from jaxprune import checkpoint, train
 
+# Multi-device runs train whole models on 8 forced CPU devices: end to end, in the slow suite.
+pytestmark = pytest.mark.slow
+
 captured = {}
 _save, _restore = checkpoint.save, checkpoint.restore_latest
 

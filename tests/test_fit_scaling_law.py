@@ -63,6 +63,7 @@ def test_known_parameters_recovered_and_n_avg_preferred(exact):
   assert "Not a result" not in text and "Noise floor: not measured" in text
 
 
+@pytest.mark.slow
 def test_leave_one_size_out_refits_without_each_size(exact, monkeypatch):
   data, _ = exact
   calls = []

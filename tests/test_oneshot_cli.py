@@ -86,6 +86,7 @@ def test_cli_error_for_an_unfinished_workdir(tmp_path):
   assert done.returncode != 0 and "holds no finished run" in done.stderr
 
 
+@pytest.mark.slow
 def test_finetune_holds_the_one_shot_masks_or_refines_them_with_sr_ste(tiny_run):
   from flax import nnx
 

@@ -29,6 +29,9 @@ from flax import nnx
 from jaxprune import oneshot
 from jaxprune.models import Transformer
 
+# Calibration on 8 forced CPU devices against one: end to end, in the slow suite.
+pytestmark = pytest.mark.slow
+
 out = pathlib.Path(sys.argv[1])
 rng = np.random.default_rng(0)
 batches = [rng.integers(0, 64, (8, 8)).astype(np.int32) for _ in range(3)]

@@ -186,6 +186,7 @@ def test_select_and_distribution_as_the_transforms():
   assert picked == set(specs)
 
 
+@pytest.mark.slow
 def test_owl_on_a_model_matches_the_reference():
   """Per-block sparsities from the outlier ratios of the unpruned model's Wanda scores, as
   luuyin/OWL computes them (check_outlier_mean over a block's layers, then the adjustment)."""
@@ -248,6 +249,7 @@ def test_einsum_and_linear_general_layers():
   assert np.mean(np.asarray(model.out.kernel[...]) == 0) == 0.5
 
 
+@pytest.mark.slow
 def test_quantized_model_is_exactly_representable():
   model = MLP(nnx.Rngs(5))
   batches = _batches(5)

@@ -161,6 +161,7 @@ def test_fit_recovers_noise_free_parameters():
   assert fit.rmse_log < 1e-8
 
 
+@pytest.mark.slow
 def test_fit_from_a_single_start():
   # A one-point grid (overriding every default) still converges to the optimum.
   grid = {"a": [5.0], "b": [5.0], "e": [0.0], "alpha": [0.5], "beta": [0.5]}
@@ -185,6 +186,7 @@ def test_fit_known_answer_with_noise():
   assert fit.objective <= scaling.huber_objective(true_fit.predict(N, D), loss)
 
 
+@pytest.mark.slow
 def test_fit_bootstrap_intervals_contain_truth():
   fit = scaling.fit(*chinchilla_data(1e-3), bootstrap=200, seed=0)
   assert set(fit.intervals) == set(TRUE)

@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -99,6 +100,7 @@ def test_recipe_invariants(tiny_runs, name):
   assert json.loads((workdir / "report.json").read_text())["eval_loss"] == report["eval_loss"]
 
 
+@pytest.mark.slow
 def test_sparse_quant_recipe_is_2of4_and_on_the_mxfp4_grid(tmp_path):
   config = load_recipe("sparse_quant", "tiny")
   report = train.train(config, tmp_path)
@@ -130,6 +132,7 @@ def test_average_param_count_matches_scaling_library(tiny_runs):
   assert report["params_active_final"] == report["params_total"] - 0.75 * sum(sizes)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_after_sigkill(tmp_path):
   """A run killed between checkpoints and resumed equals an uninterrupted one, bit for bit."""
   flags = ["--config.steps=300", "--config.checkpoint_every=100", "--config.log_every=10",
@@ -167,6 +170,7 @@ def test_resume_is_exact_after_sigkill(tmp_path):
     assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   config = load_recipe("gmp", "tiny")
   straight = train.train(config, tmp_path / "straight")
@@ -294,6 +298,7 @@ def test_model_flops_per_token_by_hand_peak_table_and_mfu():
   assert train.mfu(1e9, 1e5, None, 1) is None and train.mfu(1e9, None, 1e15, 1) is None
 
 
+@pytest.mark.slow
 def test_compilation_cache_start_up_lines_and_the_peak_flag(tmp_path, capsys):
   cache = tmp_path / "cache"
   config = _config(steps=6, eval_every=3, log_every=3, checkpoint_every=0,
@@ -338,6 +343,7 @@ def test_accelerator_table_script_on_cpu(tmp_path, capsys):
     assert 1 < r["eval_perplexity"] < 256 and r["compile_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_field_and_overrides_known_ones(tmp_path):
   recipe = f"{ROOT / 'recipes' / 'dense.py'}:tiny"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -350,3 +356,16 @@ def test_cli_rejects_unknown_field_and_overrides_known_ones(tmp_path):
                       env=env, capture_output=True, text=True, check=True)
   assert "eval_perplexity" in ok.stdout
   assert [r["step"] for r in _metrics(tmp_path) if "eval_loss" in r] == [5, 10]
+
+
+def test_vocab_size_of_a_config_saved_before_data_format(tmp_path):
+  """The committed sweep's configs predate `data.format`: they describe byte corpora."""
+  config = train.default_config()
+  assert train.vocab_size(config) == 256
+  old = ml_collections.ConfigDict(config.to_dict())
+  del old.data["format"]
+  assert train.vocab_size(old) == 256
+  config.data.format = "tokens"
+  config.data.path = str(tmp_path)
+  with pytest.raises(ValueError, match="tokenizer.json is missing"):
+    train.vocab_size(config)
