@@ -30,10 +30,10 @@ FIT = ROOT / "scripts" / "fit_scaling_law.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ("run", "method", "N", "D", "loss", "N_dense", "N_final", "N_avg", "N_prunable",
            "sparsity", "sparsity_final", "window_begin", "window_end", "prune_begin_step",
-           "prune_end_step", "prune_power", "prune_frequency", "width", "depth", "heads",
-           "schedule", "seed", "in_seeds", "N_nonembedding", "loss_per_byte",
-           "context", "batch_size", "steps", "in_grid", "in_windows", "final_train_loss",
-           "wall_time_s", "tokens_per_s", "workdir", "config")
+           "prune_end_step", "prune_power", "prune_frequency", "schedule", "seed", "in_seeds",
+           "N_nonembedding", "loss_per_byte", "width", "depth", "heads", "context",
+           "batch_size", "steps", "in_grid", "in_windows", "final_train_loss", "wall_time_s",
+           "tokens_per_s", "workdir", "config")
 
 
 def _module(path: pathlib.Path):
