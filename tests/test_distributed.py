@@ -33,6 +33,9 @@ import time
 import numpy as np
 import pytest
 
+# Multi-device runs train whole models on 8 forced CPU devices: end to end, in the slow suite.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = ("dense", "gmp", "sr_ste_2of4", "step_2of4")
 MESHES = ((8, 1), (4, 2))
@@ -86,9 +89,6 @@ import numpy as np
 
 import jaxprune
 from jaxprune import checkpoint, train
-
-# Multi-device runs train whole models on 8 forced CPU devices: end to end, in the slow suite.
-pytestmark = pytest.mark.slow
 
 captured = {}
 _save, _restore = checkpoint.save, checkpoint.restore_latest

@@ -18,6 +18,9 @@ import sys
 import numpy as np
 import pytest
 
+# Calibration on 8 forced CPU devices against one: end to end, in the slow suite.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 RTOL = 1e-4
@@ -28,9 +31,6 @@ import jax, numpy as np
 from flax import nnx
 from jaxprune import oneshot
 from jaxprune.models import Transformer
-
-# Calibration on 8 forced CPU devices against one: end to end, in the slow suite.
-pytestmark = pytest.mark.slow
 
 out = pathlib.Path(sys.argv[1])
 rng = np.random.default_rng(0)
