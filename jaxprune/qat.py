@@ -124,7 +124,7 @@ def _check_settings(inner, fmt, sparsity, nm, order, axis, block_size, granulari
     axis = _checks.check_int("axis", axis)
   # The shape-independent settings are checked now, on a shape every block size divides.
   size = block_size if isinstance(block_size, numbers.Integral) and block_size > 0 else (
-      quant.MX_BLOCK_SIZE if fmt.kind == "mx" else 1)
+      quant.default_block_size(fmt) or 1)
   probe = quant.make_spec(fmt, (size,), jnp.float32, 0, block_size, granularity, True)
   if order == "qs" and nm is not None and probe.granularity == "block" and (
       probe.block_size % nm[1]):

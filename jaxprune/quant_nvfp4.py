@@ -58,6 +58,19 @@ def codes(mag: jax.Array, s_t: jax.Array, s_b: jax.Array) -> jax.Array:
   return round_magnitude(qb.bits(qb.multiply(qb.from_bits(mag), reciprocal)) & qb.MAG, E2M1)
 
 
+def scales(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(s_t, s_b, flushed)`` of a tensor laid out as blocks ``g[..., :]`` (float32): the
+  per-tensor scale, the block scales (shape ``g.shape[:-1] + (1,)``) and whether
+  ``s_t < MIN_TENSOR_SCALE`` (then ``s_t`` is returned as 1 and ``s_b`` is meaningless).
+  Non-finite entries count as 0."""
+  mag = qb.bits(g) & qb.MAG
+  mag = jnp.where(mag >= qb.INF_BITS, 0, mag)
+  s_t = tensor_scale(jnp.max(mag))
+  flushed = qb.bits(s_t) < _MIN_TENSOR_SCALE
+  s_t = jnp.where(flushed, 1.0, s_t)
+  return s_t, block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t), flushed
+
+
 def nvfp4(g: jax.Array) -> jax.Array:
   """NVFP4 fake quantization of a whole tensor laid out as blocks ``g[..., :]`` (float32).
 
@@ -66,10 +79,7 @@ def nvfp4(g: jax.Array) -> jax.Array:
   """
   mag = qb.bits(g) & qb.MAG
   amax = jnp.max(mag)
-  s_t = tensor_scale(jnp.where(amax >= qb.INF_BITS, 0, amax))
-  flushed = qb.bits(s_t) < _MIN_TENSOR_SCALE
-  s_t = jnp.where(flushed, 1.0, s_t)  # any scale: the result is replaced below
-  s_b = block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t)
+  s_t, s_b, flushed = scales(g)
   q = qb.bits(qb.multiply(codes(mag, s_t, s_b), qb.multiply(s_b, s_t)))
   # Selected as integers: a float select may flush subnormal results (XLA:CPU fast math).
   q = jnp.where(flushed, 0, q) | (qb.bits(g) & qb.SIGN)

@@ -77,6 +77,7 @@ def test_scale_bits():
   assert [qat.scale_bits(f"int{k}") for k in range(2, 9)] == [20, 19, 18, 17, 16, 15, 14]
   assert (qat.scale_bits("fp8_e4m3"), qat.scale_bits("fp8_e5m2")) == (8, 9)
   assert all(qat.scale_bits(f) is None for f in MX)
+  assert qat.scale_bits("nvfp4") == 14  # NVFP4's per-tensor scale
 
 
 def significant_bits(x: float) -> int:
@@ -114,6 +115,27 @@ def test_snapped_quantize_short_scale_and_fixed_point(fmt, channel, data):
     if s_snapped >= np.finfo(np.float32).tiny:  # (tiny groups: quantize's subnormal scales)
       assert significant_bits(s_snapped) <= b
       assert abs(s_snapped / (np.abs(xc).max() / f.max_normal) - 1) <= 2.0**-b
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), exponent=st.integers(-100, 100), bf16=st.booleans())
+def test_nvfp4_snapped_quantize_is_a_fixed_point(data, exponent, bf16):
+  """Plain NVFP4 is not idempotent in float32 (s_t = amax / 2688 is recomputed from
+  fl(6 fl(448 s_t))); the QAT view, with s_t rounded to 14 significant bits, is, and so is
+  quantize in bfloat16. Blocks of very different sizes exercise the clamped block scales."""
+  x = data.draw(hnp.arrays(np.float32, (32, 8), elements=st.floats(
+      -8, 8, width=32, allow_subnormal=False)))
+  x = x * np.float32(2.0**exponent) * np.exp2(np.arange(8) * -3.0).astype(np.float32)
+  x[1, 0] = np.float32(np.abs(x).max() * (1 - 2.0**-20))  # a near-tie at the top
+  if bf16:
+    x = jnp.asarray(x, jnp.bfloat16)
+  y = snapped("nvfp4", None)(x)
+  np.testing.assert_array_equal(np.asarray(quantizer("nvfp4", 0, None)(y)).view(np.uint16 if bf16
+                                else np.int32), np.asarray(y).view(np.uint16 if bf16 else np.int32))
+  amax = float(np.abs(np.asarray(x, np.float32)).max())
+  if not bf16 and amax / 2688 >= 2.0**-100:
+    s_t = float(np.abs(np.asarray(y)).max()) / 2688  # exact: the top entry is 2688 s~
+    assert significant_bits(s_t) <= 14 and abs(s_t / (amax / 2688) - 1) <= 2.0**-14
 
 
 @pytest.mark.parametrize("fmt", ["int2", "int4", "int8", "fp8_e4m3", "fp8_e5m2"])
@@ -196,6 +218,7 @@ CONFIGS = {
     "mxfp6_e3m2": ("qs", "nm", None),
     "mxfp4_e2m1": ("sq", "unstructured", None),
     "mxint8": ("qs", "unstructured", None),
+    "nvfp4": ("qs", "nm", None),
 }
 
 
@@ -258,6 +281,18 @@ def test_int_scale_changes_within_the_bound_land_exactly(fmt, factor):
   _, state = run(tx, {"w": w}, scaled_by(factors), len(factors),
                  lambda params, state: assert_on_grid(params["w"], fmt), update)
   assert int(qat.quantization_corrections(state)) == 0
+
+
+def test_nvfp4_scale_changes_within_the_bound_land_exactly():
+  """NVFP4: exact while each block's s_b s~ moves by at most two binades per step (here the
+  tensor by up to 3x, with noise); then a 1000x shrink, which misses and is counted."""
+  tx, update = scaled_transform("nvfp4")
+  w = jax.random.normal(jax.random.key(2), (32, 16))
+  factors = [3.0, 1 / 3, 1 / 2.5, 2.5, 0.5, 2.0]
+  check = lambda params, state: assert_on_grid(params["w"], "nvfp4")  # noqa: E731
+  params, state = run(tx, {"w": w}, scaled_by(factors), len(factors), check, update)
+  assert int(qat.quantization_corrections(state)) == 0
+  run(tx, params, scaled_by([1e-3]), 1, check, update)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -415,6 +450,7 @@ BF16_CONFIGS = {
     "mxfp8_e4m3": ("qs", "unstructured", None),
     "mxfp4_e2m1": ("sq", "nm", None),
     "mxint8": ("sq", None, None),
+    "nvfp4": ("sq", "unstructured", None),
 }
 
 
@@ -428,7 +464,8 @@ def bf16_transform(fmt):
   return tx, jax.jit(tx.update), structure, granularity
 
 
-@pytest.mark.parametrize("fmt", BF16_CONFIGS)
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f == "nvfp4" else f
+                                 for f in BF16_CONFIGS])  # nvfp4: 15 s of compilation
 def test_bfloat16_params_stay_on_the_grid(fmt):
   """Holds whether the master weights are bfloat16 (like the params) or float32."""
   tx, update, structure, granularity = bf16_transform(fmt)
