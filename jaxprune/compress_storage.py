@@ -334,7 +334,7 @@ def export_compressed(
 
   Args:
     params: parameter tree.
-    fmt: a name in ``quant.FORMATS`` (symmetric int, FP8 or MX), or None to
+    fmt: a name in ``quant.FORMATS`` (symmetric int, FP8, MX or NVFP4), or None to
       store sparse float values.
     nm: ``(n, m)`` N:M sparsity along each leaf's ``axis``.
     sparsity: unstructured sparsity; per leaf as the selection resolves it

@@ -15,7 +15,9 @@ and a *sticky* fraction ``0 <= delta < 1`` is rounded to float32 by
 :func:`compose` (round half to even, or half away from zero; subnormals kept;
 overflow to ``inf``). Division (:func:`divide`) computes the integer quotient of
 the significands from a float estimate, then corrects it with an exact integer
-remainder, so it is correctly rounded on every backend.
+remainder, so it is correctly rounded on every backend; multiplication
+(:func:`multiply`) forms the exact 48-bit product of the significands on 12-bit
+limbs.
 """
 
 from __future__ import annotations

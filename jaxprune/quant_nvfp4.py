@@ -26,8 +26,10 @@ BLOCK_SIZE = 16
 #: ``448 * 6``: the per-tensor scale is ``amax / TENSOR_MAX``, so that the largest block's
 #: scale is E4M3's largest value and its largest element E2M1's.
 TENSOR_MAX = 448.0 * 6.0
-#: Tensors whose per-tensor scale is below this give signed zeros (torchao's arithmetic
-#: overflows there: ``1 / s_t`` or ``1 / (s_t s_b)`` is infinite for the smallest blocks).
+#: Tensors whose per-tensor scale is below this give signed zeros. torchao's arithmetic breaks
+#: down just below it: ``1 / (s_t s_b)`` is infinite for ``s_t <= 2^-122`` in blocks whose scale
+#: is clamped to ``2^-6``, ``1 / s_t`` for ``s_t <= 2^-128``, and ``s_t = 0`` gives NaN. From
+#: ``2^-120`` on, ``s_t s_b >= 2^-126`` is a normal float32.
 MIN_TENSOR_SCALE = 2.0**-120
 E4M3 = get_format("fp8_e4m3")  # the block scales: E4M3FN, normal range [2^-6, 448]
 E2M1 = get_format("mxfp4_e2m1")  # the elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6

@@ -292,7 +292,18 @@ def test_nvfp4_scale_changes_within_the_bound_land_exactly():
   check = lambda params, state: assert_on_grid(params["w"], "nvfp4")  # noqa: E731
   params, state = run(tx, {"w": w}, scaled_by(factors), len(factors), check, update)
   assert int(qat.quantization_corrections(state)) == 0
-  run(tx, params, scaled_by([1e-3]), 1, check, update)
+  # v - p of the largest entry needs v's fine bits and p's high bits: the per-tensor scale
+  # cannot land, so the tensor lands on 0 (and the next step lands from there).
+  params, state = run(tx, params, scaled_by([1e-3]), 1, check, update)
+  v = np.asarray(tx.view(jaxprune.master_params(state))["w"])
+  assert not np.asarray(params["w"]).any()
+  assert int(qat.quantization_corrections(state)) == (v != 0).sum() > 400
+  before = int(qat.quantization_corrections(state))
+  updates, state = update(scaled_by([1.0])(params, state, 0), state, params)  # from 0: lands
+  params = optax.apply_updates(params, updates)
+  assert int(qat.quantization_corrections(state)) == before
+  np.testing.assert_array_equal(params["w"], tx.view(jaxprune.master_params(state))["w"])
+  assert np.asarray(params["w"]).any()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
