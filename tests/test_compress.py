@@ -223,20 +223,22 @@ def test_error_analysis_known_answer():
   assert "total" in table.splitlines()[-1]
 
 
-def test_error_analysis_matches_compress_and_pools_totals():
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_error_analysis_matches_compress_and_pools_totals(fmt):
   rng = np.random.default_rng(2)
   params = {"a": {"kernel": rng.normal(size=(16, 8)).astype(F32)},
             "b": {"kernel": 3 * rng.normal(size=(16, 8)).astype(F32)},
             "embed": {"embedding": rng.normal(size=(8, 8)).astype(F32)}}
   # The default selection leaves the output head (the last kernel, b) dense.
   assert [r.path for r in error_analysis(params, "int4", sparsity=0.5).rows] == ["a/kernel"]
-  res = error_analysis(params, "int4", sparsity=0.5, select=sel.select(head=None))
+  res = error_analysis(params, fmt, sparsity=0.5, select=sel.select(head=None))
   assert [r.path for r in res.rows] == ["a/kernel", "b/kernel"]
   num, den = np.zeros(4), 0.0
   for r in res.rows:
     w = params[r.path.split("/")[0]]["kernel"]
-    outs = [compress(w, None, sparsity=0.5), compress(w, "int4", axis=0),
-            compress(w, "int4", sparsity=0.5), compress(w, "int4", sparsity=0.5, order="qs")]
+    outs = [compress(w, None, sparsity=0.5), compress(w, fmt, axis=0),
+            compress(w, fmt, sparsity=0.5, axis=0),
+            compress(w, fmt, sparsity=0.5, axis=0, order="qs")]
     e2 = np.array([l2(w, c) ** 2 for c in outs])
     np.testing.assert_allclose(r[2:6], np.sqrt(e2) / np.linalg.norm(w), rtol=1e-6)
     assert r.out_eps_s is None
