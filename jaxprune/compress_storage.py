@@ -12,7 +12,7 @@ arrays (all bit streams little-endian: code ``j`` occupies bits
 
 * ``values``: the kept entries in row-major order of ``w2`` (N:M: group by
   group, ``n`` per group, in index order). Quantized: their integer codes,
-  ``b = fmt.bits`` bits each, bit-packed into ``uint8`` when ``b < 8`` (int4 and
+  ``b = fmt.bits`` bits each, bit-packed into ``uint8`` when ``b < 8`` (int4, nvfp4 and
   mxfp4 two per byte, mxfp6 four per three bytes, intK at K bits), ``int8`` for
   int8 and mxint8 (two's complement ``k`` of ``k / 64``), ``uint8`` bit patterns
   for 8-bit floats. intK codes are ``K``-bit two's complement of ``n`` in
