@@ -1,6 +1,6 @@
 """Test oracle: a literal NumPy float32 port of torchao's NVFP4 quantization.
 
-Ports, from github.com/pytorch/ao (``torchao/prototype/mx_formats/``),
+Ports, from github.com/pytorch/ao at commit 36027d8 (``torchao/prototype/mx_formats/``),
 ``per_tensor_amax_to_scale`` and ``nvfp4_quantize`` (``nvfp4_tensor.py``, the
 two-level path with a per-tensor scale), ``NVFP4Tensor.dequantize`` /
 ``get_hp_scales``, ``pack_uint4`` / ``unpack_uint4`` (``kernels.py``) and
