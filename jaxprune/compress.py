@@ -15,7 +15,8 @@ magnitude mask of scores ``s`` (True = kept):
 **Why S->Q wins** (the paper's theorem, here for the L1 error ``||x - C(x)||_1``,
 the norm of the worked example in the tests, then for every ``L_p``). Let every sparsity group (an
 N:M group, or the whole tensor for unstructured sparsity) lie inside one scaling
-group of ``Q`` (a block, channel or the whole tensor). The group's largest
+group of ``Q`` (a block, channel or the whole tensor; for NVFP4 a block of 16, and
+the tensor holds every group). The group's largest
 ``|x|`` is kept, so ``Q`` sees the same ``amax``, the same scale, in both
 orders. Keeping ``x_i`` instead of pruning it changes the
 L1 error by ``-g(|x_i|)`` with

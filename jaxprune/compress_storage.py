@@ -12,19 +12,25 @@ arrays (all bit streams little-endian: code ``j`` occupies bits
 
 * ``values``: the kept entries in row-major order of ``w2`` (N:M: group by
   group, ``n`` per group, in index order). Quantized: their integer codes,
-  ``b = fmt.bits`` bits each, bit-packed into ``uint8`` when ``b < 8`` (int4 and
+  ``b = fmt.bits`` bits each, bit-packed into ``uint8`` when ``b < 8`` (int4, nvfp4 and
   mxfp4 two per byte, mxfp6 four per three bytes, intK at K bits), ``int8`` for
   int8 and mxint8 (two's complement ``k`` of ``k / 64``), ``uint8`` bit patterns
   for 8-bit floats. intK codes are ``K``-bit two's complement of ``n`` in
   ``[-q_max, q_max]``; float elements are ``ml_dtypes`` bit patterns
   (``float8_e4m3fn``, ``float8_e5m2``, ``float6_e3m2fn``, ``float6_e2m3fn``,
-  ``float4_e2m1fn``). Without ``fmt``: the kept values themselves.
+  ``float4_e2m1fn``, also for NVFP4). Without ``fmt``: the kept values themselves.
 * ``scales`` (quantized only), one per scaling group, shape ``(1, 1)``
   (tensor), ``(R, 1)`` (channel) or ``(R, L / block_size)`` (block). int and FP8:
   ``float32`` ``s = fl32(amax / max_normal)`` with ``amax`` of the sparse group,
   value ``fl32(code * s)`` (bit-exact while ``s`` is a normal float32; the
   export refuses groups where it is not). MX: ``uint8`` E8M0 ``e + 127``, value
-  ``code * 2^e`` (always exact in float32).
+  ``code * 2^e`` (always exact in float32). NVFP4: ``uint8`` E4M3FN bit patterns
+  of the block scales ``s_b`` (shape ``(R, L / 16)``, values in ``[2^-6, 448]``),
+  value ``fl32(code * fl32(s_t * s_b))``.
+* ``tensor_scale`` (NVFP4 only): the ``float32`` per-tensor scale
+  ``s_t = fl32(amax / 2688)`` of the sparse tensor, shape ``(1,)``; 0 (with all
+  block scales 0) for a tensor that quantizes to zeros (``s_t < 2^-120``). So
+  NVFP4 stores 4.5 bits per weight (dense) plus 32 bits per tensor.
 * ``index`` (N:M): the position in ``[0, m)`` of each kept value inside its
   group, ``ceil(log2 m)`` bits each (2 bits for 2:4), bit-packed into ``uint8``.
 * ``mask`` (unstructured): ``np.packbits`` of the ``(R, L)`` keep-mask, 1 bit per
@@ -53,7 +59,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxprune import masks as masks_lib
-from jaxprune import quant
+from jaxprune import quant, quant_nvfp4
 from jaxprune import selection as selection_lib
 from jaxprune.compress import LeafLayout, check_finite, compress_leaf, leaf_layouts
 
@@ -147,29 +153,55 @@ def _broadcast_scales(scales: np.ndarray, shape2: tuple[int, int]) -> np.ndarray
   return np.broadcast_to(np.repeat(scales, cols // scales.shape[1], axis=1), shape2)
 
 
+_nvfp4_scales = jax.jit(quant_nvfp4.scales)
+
+
+def _encode_nvfp4(q2: np.ndarray, xs2: np.ndarray, lay: LeafLayout, fmt: quant.Format):
+  """NVFP4's codes, E4M3 block scales and per-tensor scale: the scales of the sparse input
+  ``xs2``, as ``quantize`` computes them (:func:`jaxprune.quant_nvfp4.scales`); the codes
+  are ``q2 / fl32(s_t s_b)``, each within a few ulps of an E2M1 value."""
+  s_t, s_b, flushed = (np.asarray(a) for a in _nvfp4_scales(_scale_groups(xs2, lay)))
+  s_b = np.where(flushed, np.float32(0), s_b[..., 0])
+  s_t = np.where(flushed, np.float32(0), s_t)
+  hp = _broadcast_scales((s_t * s_b).astype(np.float64), q2.shape)
+  v = np.divide(q2.astype(np.float64), hp, out=np.zeros(q2.shape), where=hp > 0)
+  return _element_codes(v, fmt), {
+      "scales": s_b.astype(ml_dtypes.float8_e4m3fn).view(np.uint8),
+      "tensor_scale": np.reshape(s_t, (1,)).astype(np.float32)}
+
+
 def _encode_quantized(q2: np.ndarray, xs2: np.ndarray, lay: LeafLayout, fmt: quant.Format):
-  """Element codes ``(R, L)`` and scales of the quantized float32 values ``q2``.
+  """Element codes ``(R, L)`` and the scale arrays (by field name) of the quantized float32
+  values ``q2``.
 
   ``xs2`` is the sparse input of the quantizer, whose group maxima give the
-  int/FP8 scales; the MX shared exponent is read off the quantized block, whose
-  largest magnitude is ``2^(e + emax)`` up to ``max_normal * 2^e``.
+  int/FP8 (and NVFP4) scales; the MX shared exponent is read off the quantized
+  block, whose largest magnitude is ``2^(e + emax)`` up to ``max_normal * 2^e``.
   """
   q64 = q2.astype(np.float64)
+  if fmt.kind == "nvfp4":
+    return _encode_nvfp4(q2, xs2, lay, fmt)
   if fmt.kind == "mx":
     top = np.abs(_scale_groups(q64, lay)).max(axis=-1)
     e = np.where(top > 0, np.frexp(top)[1] - 1 - fmt.emax, -126 - fmt.emax)
     e = np.maximum(e, -127)
     v = np.ldexp(q64, -_broadcast_scales(e, q2.shape))
-    return _element_codes(v, fmt), (e + 127).astype(np.uint8)
+    return _element_codes(v, fmt), {"scales": (e + 127).astype(np.uint8)}
   amax = np.abs(_scale_groups(xs2.astype(np.float64), lay)).max(axis=-1)
   s = (amax / fmt.max_normal).astype(np.float32)
   s_full = _broadcast_scales(s.astype(np.float64), q2.shape)
   v = np.divide(q64, s_full, out=np.zeros_like(q64), where=s_full > 0)
-  return _element_codes(v, fmt), s
+  return _element_codes(v, fmt), {"scales": s}
 
 
-def _decode_quantized(codes2: np.ndarray, scales: np.ndarray, fmt: quant.Format) -> np.ndarray:
+def _decode_quantized(codes2: np.ndarray, fields: Mapping[str, np.ndarray],
+                      fmt: quant.Format) -> np.ndarray:
   v = _element_values(codes2, fmt)
+  scales = np.asarray(fields["scales"])
+  if fmt.kind == "nvfp4":  # fl32(code * fl32(s_t * s_b)): float32 products, as quantize's
+    s_b = scales.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    hp = np.asarray(fields["tensor_scale"], np.float32)[0] * s_b
+    return v.astype(np.float32) * _broadcast_scales(hp, codes2.shape)
   if fmt.kind == "mx":
     e = _broadcast_scales(scales.astype(np.int32) - 127, codes2.shape)
     return np.ldexp(v, e).astype(np.float32)
@@ -211,7 +243,8 @@ def _encode(w: np.ndarray, lay: LeafLayout) -> dict[str, np.ndarray]:
     codes2 = a2
   else:
     xs = w.astype(np.float32) if mask is None else np.where(mask, w.astype(np.float32), 0)
-    codes2, fields["scales"] = _encode_quantized(a2, _rows(xs, lay.axis), lay, fmt)
+    codes2, scales = _encode_quantized(a2, _rows(xs, lay.axis), lay, fmt)
+    fields.update(scales)
   if lay.nm is not None:
     n, m = lay.nm
     groups = m2.reshape(-1, m)
@@ -272,7 +305,7 @@ def _decode(fields: Mapping[str, np.ndarray], lay: LeafLayout) -> np.ndarray:
   full[position] = codes
   kept = np.zeros(rows * length, bool)
   kept[position] = True
-  v = _decode_quantized(full.reshape(rows, length), np.asarray(fields["scales"]), fmt)
+  v = _decode_quantized(full.reshape(rows, length), fields, fmt)
   v = np.where(kept.reshape(rows, length), v, np.float32(0)).astype(dtype)
   v[_bit_view(v) == (1 << (8 * v.dtype.itemsize - 1))] = 0  # -0.0 -> +0.0, as compress.
   return _unrows(v, lay.shape, lay.axis)
@@ -301,7 +334,7 @@ def export_compressed(
 
   Args:
     params: parameter tree.
-    fmt: a name in ``quant.FORMATS`` (symmetric int, FP8 or MX), or None to
+    fmt: a name in ``quant.FORMATS`` (symmetric int, FP8, MX or NVFP4), or None to
       store sparse float values.
     nm: ``(n, m)`` N:M sparsity along each leaf's ``axis``.
     sparsity: unstructured sparsity; per leaf as the selection resolves it
@@ -386,6 +419,8 @@ def check_stored(fields: Mapping[str, np.ndarray], lay: LeafLayout, where: str) 
       raise ValueError(f"{where}: {lay.path}'s mask keeps {kept} of {size} entries, with "
                        f"{stored} stored values (padding bits set: {bool(bits[size:].any())}); "
                        f"sparsity {lay.sparsity} keeps {want}.")
+  if "tensor_scale" in fields:
+    _check_nvfp4_scales(fields, lay, where)
   if "index" in fields:
     n, m = lay.nm
     count = math.prod(lay.shape) // m * n
@@ -393,6 +428,20 @@ def check_stored(fields: Mapping[str, np.ndarray], lay: LeafLayout, where: str) 
     if (index >= m).any() or (np.diff(index, axis=1) <= 0).any():
       raise ValueError(f"{where}: {lay.path}'s N:M indices are not {n} distinct positions "
                        f"below m={m} in every group.")
+
+
+def _check_nvfp4_scales(fields: Mapping[str, np.ndarray], lay: LeafLayout, where: str) -> None:
+  """NVFP4: a per-tensor scale of at least ``2^-120`` with E4M3 block scales in ``[2^-6, 448]``
+  (bytes ``0x08`` to ``0x7E``), or a zero tensor scale with zero block scales."""
+  s_t = float(np.asarray(fields["tensor_scale"]).reshape(-1)[0])
+  s_b = np.asarray(fields["scales"])
+  ok = ((s_t >= quant_nvfp4.MIN_TENSOR_SCALE and np.isfinite(s_t)
+         and ((s_b >= 0x08) & (s_b <= 0x7E)).all()) or (s_t == 0 and not s_b.any()))
+  if not ok:
+    raise ValueError(f"{where}: {lay.path}'s NVFP4 scales are not what the format produces: "
+                     f"tensor scale {s_t!r} (finite, >= 2^-120, or 0 with zero block scales), "
+                     f"block scale bytes in [{int(s_b.min(initial=255))}, "
+                     f"{int(s_b.max(initial=0))}] (E4M3 values in [2^-6, 448]: 8 to 126).")
 
 
 def _values_size(kept: int, lay: LeafLayout) -> int:

@@ -35,10 +35,10 @@ zeros.
 
 The grid and the landing
 ------------------------
-``Q`` is :func:`jaxprune.quant.quantize` with the int and FP8 scales rounded to
-few significant bits (:mod:`jaxprune.qat_grid`, :func:`snapped_quantize`; for
-bfloat16 params ``quantize`` itself), so that the params can be moved onto the
-view exactly by an update. Every entry is checked against what
+``Q`` is :func:`jaxprune.quant.quantize` with the int and FP8 scales (and NVFP4's
+per-tensor scale) rounded to few significant bits (:mod:`jaxprune.qat_grid`,
+:func:`snapped_quantize`; for bfloat16 params ``quantize`` itself), so that the
+params can be moved onto the view exactly by an update. Every entry is checked against what
 ``optax.apply_updates`` will compute, and the rare entries that would miss are
 corrected and counted (:mod:`jaxprune.qat_landing`, which also gives the proofs
 and the measured counts).
@@ -124,7 +124,7 @@ def _check_settings(inner, fmt, sparsity, nm, order, axis, block_size, granulari
     axis = _checks.check_int("axis", axis)
   # The shape-independent settings are checked now, on a shape every block size divides.
   size = block_size if isinstance(block_size, numbers.Integral) and block_size > 0 else (
-      quant.MX_BLOCK_SIZE if fmt.kind == "mx" else 1)
+      quant.default_block_size(fmt) or 1)
   probe = quant.make_spec(fmt, (size,), jnp.float32, 0, block_size, granularity, True)
   if order == "qs" and nm is not None and probe.granularity == "block" and (
       probe.block_size % nm[1]):
@@ -294,7 +294,7 @@ def quantization(
       a Flax kernel (0 for ``(in, out)``, ``ndim - 2`` for HWIO), where MX
       blocks and 2:4 groups run along the dot product. Per-parameter ``axis``
       overrides in ``select`` take precedence.
-    block_size: elements per block (MX default 32); must divide the axis of
+    block_size: elements per block (MX default 32, NVFP4 16); must divide the axis of
       every selected leaf.
     granularity: ``'tensor'``, ``'channel'`` or ``'block'``, as in
       :func:`jaxprune.quant.quantize` (default ``'tensor'``, or ``'block'``

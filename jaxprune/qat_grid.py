@@ -10,6 +10,18 @@ relative ``|s~ - s| / s <= 2^-b``, the largest entry still maps onto
 ``quantize(v) == v`` bit for bit: the params are exactly representable in the
 plain format with the plain format's own scale rule. See :func:`snapped_quantize`.
 
+NVFP4: the per-tensor scale ``s_t = amax / 2688`` is rounded to ``b = 14``
+significant bits in the same way (the tensor's largest entry set to ``2688 s~``,
+exact), and the block scales and elements are ``quantize``'s. Plain NVFP4 is not
+idempotent in float32 (``fl(fl(6 fl(448 s_t)) / 2688)`` differs from ``s_t`` for
+a third of all ``s_t``); with ``s~`` of 14 bits, ``6 * 448 * s~`` is exact and
+``quantize`` recomputes ``s~`` (and then every block scale and element) from the
+view. Grid values ``c * s_b * s~`` are exact products with at most 20 significant
+bits (E2M1 2, E4M3 4, ``s~`` 14): integer multiples of ``u = 2^(E_b + E_t - 17)``
+(``2^E_b``, ``2^E_t`` the binades of ``s_b``, ``s~``) below ``12 * 15 * 2^14 u <
+2^21.5 u``, so that they land exactly much as int values do
+(:mod:`jaxprune.qat_landing`).
+
 bfloat16 params
 ---------------
 The grid is then ``quant.quantize``'s own in bfloat16: the view is
@@ -29,12 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import quant
+from jaxprune import quant, quant_nvfp4
 from jaxprune import quant_bits as qb
+
+NVFP4_SCALE_BITS = 14
 
 
 def scale_bits(fmt: str | quant.Format) -> int | None:
-  """Significant bits of the QAT scale: ``22 - bits(2 q_max)`` for int, ``11 - mbits`` for FP8.
+  """Significant bits of the QAT scale: ``22 - bits(2 q_max)`` for int, ``11 - mbits`` for FP8,
+  ``NVFP4_SCALE_BITS`` (14) for NVFP4's per-tensor scale.
 
   ``None`` for MX formats, whose scales are powers of two. For float32 params; bfloat16
   params use ``quantize``'s own scales. See the module docstring.
@@ -44,6 +59,8 @@ def scale_bits(fmt: str | quant.Format) -> int | None:
     return 22 - (2 * int(fmt.max_normal)).bit_length()
   if fmt.kind == "fp":
     return 11 - fmt.mbits
+  if fmt.kind == "nvfp4":
+    return NVFP4_SCALE_BITS
   return None
 
 
@@ -142,7 +159,8 @@ def _fast_snapped(g: jax.Array, amax: jax.Array, fmt: quant.Format, bits: int) -
 
 
 def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
-  """``quantize`` with the int/FP8 scale snapped to ``bits`` significant bits; zeros ``+0.0``.
+  """``quantize`` with the int/FP8 (NVFP4: per-tensor) scale snapped to ``bits`` significant
+  bits; zeros ``+0.0``.
 
   bfloat16 ``x``: ``quantize`` itself (its results are fixed points in bfloat16). For
   float32 int and FP8 tensors whose groups are finite with ``amax`` 0 or at least
@@ -151,14 +169,17 @@ def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   ``quantize``'s general path.
   """
   def general(x):
-    if bits is not None and x.dtype == jnp.float32:
+    if bits is not None and x.dtype == jnp.float32 and spec.fmt.kind == "nvfp4":
+      # The per-tensor scale s_t = amax / TENSOR_MAX, snapped like an int scale.
+      x = _snapped_top(x.reshape(1, -1), quant_nvfp4.TENSOR_MAX, bits).reshape(x.shape)
+    elif bits is not None and x.dtype == jnp.float32:
       x = quant.grouped(
           functools.partial(_snapped_top, max_normal=spec.fmt.max_normal, bits=bits), x, spec)
     return plus_zero(quant.quantize(x, spec.fmt, axis=spec.axis,
                                      block_size=spec.block_size or None,
                                      granularity=spec.granularity))
 
-  if bits is None or x.dtype != jnp.float32 or x.size == 0:
+  if bits is None or x.dtype != jnp.float32 or x.size == 0 or spec.fmt.kind == "nvfp4":
     return general(x)
   g, axis = quant.group_axes(x, spec)
   amax = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
@@ -181,7 +202,8 @@ def snapped_quantize(
 
   For int and FP8 formats the scale ``s = amax / max_normal`` is rounded to
   :func:`scale_bits` significant bits (``s~``, within a relative ``2^-b`` of
-  ``s``); MX is ``quant.quantize`` unchanged. For bfloat16 ``x`` it is
+  ``s``), for NVFP4 the per-tensor scale ``amax / 2688``; MX is
+  ``quant.quantize`` unchanged. For bfloat16 ``x`` it is
   ``quant.quantize`` in every format (whose symmetric results are fixed points
   in bfloat16, see :mod:`jaxprune.quant`). Every zero of the result is
   ``+0.0``. The result ``y`` satisfies ``quant.quantize(y, fmt, same settings)

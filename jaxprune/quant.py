@@ -1,4 +1,4 @@
-"""Fake quantization: scaled integers, scaled FP8 and OCP Microscaling (MX).
+"""Fake quantization: scaled integers, scaled FP8, OCP Microscaling (MX) and NVFP4.
 
 ``quantize(x, fmt)`` rounds ``x`` to a number format, multiplies back by the
 format's scale and returns the result in ``x``'s dtype, so a model can be
@@ -15,7 +15,9 @@ A *group* is the set of elements that share one scale:
   of shape ``(in, out)``, per-output-channel scales are ``axis=0``.
 * ``granularity='block'``: ``block_size`` consecutive elements along ``axis``
   (``block_size`` must divide the size of ``axis``). MX formats always use
-  blocks, of ``MX_BLOCK_SIZE = 32`` elements unless ``block_size`` is given.
+  blocks, of ``MX_BLOCK_SIZE = 32`` elements unless ``block_size`` is given;
+  NVFP4 always uses blocks of ``NVFP4_BLOCK_SIZE = 16`` (and one more scale for
+  the whole tensor).
 
 Formats
 -------
@@ -91,12 +93,55 @@ text (its CUDA kernels take ``E`` from the exponent bits instead):
   ``-0.0``, but ``-0.0`` gives ``+0.0``, and so does a negative ``x_i`` for
   which ``x_i / 2^e`` underflows float32 to zero.
 
+**NVFP4** ``'nvfp4'`` (NVIDIA's FP4 with two-level scaling): E2M1 elements
+(``0, 0.5, 1, 1.5, 2, 3, 4, 6``), one E4M3 scale per block of 16 elements along
+``axis`` and one float32 scale per tensor, which keeps the block scales inside
+E4M3's range. With ``fl`` float32 rounding (every step rounded once, to nearest
+even), ``amax`` over the whole tensor and ``b_amax`` over the block:
+
+.. math::
+
+   s_t &= \\mathrm{fl}(amax / 2688) \\qquad (2688 = 448 \\cdot 6) \\\\
+   s_b &= \\mathrm{e4m3}(\\mathrm{clip}(\\mathrm{fl}(\\mathrm{fl}(b_{amax} / 6) / s_t),
+          2^{-6}, 448)) \\\\
+   c_i &= \\mathrm{e2m1}(\\mathrm{fl}(|x_i| \\cdot \\mathrm{fl}(\\mathrm{fl}(1 / s_t) / s_b))) \\\\
+   Q(x_i) &= \\mathrm{sign}(x_i) \\cdot \\mathrm{fl}(c_i \\cdot \\mathrm{fl}(s_t \\cdot s_b))
+
+where ``e4m3`` rounds to E4M3FN and ``e2m1`` to E2M1 (subnormal 0.5 included,
+saturating at 6), both half to even. This is torchao's NVFP4 bit for bit (zeros'
+signs included): ``per_tensor_amax_to_scale`` then ``nvfp4_quantize(x, 16,
+per_tensor_scale)`` and ``NVFP4Tensor.dequantize`` of
+``torchao/prototype/mx_formats/nvfp4_tensor.py``, with
+``_f32_to_floatx_unpacked`` (``custom_fp_utils.py``) for ``e2m1``, on PyTorch's
+CPU arithmetic. Details of the reference that are kept: the block scale is
+clamped to E4M3's smallest *normal* value ``2^-6`` (torch's
+``finfo(float8_e4m3fn).tiny``), so no block scale is an E4M3 subnormal: a block
+that is tiny next to the tensor's largest (``b_amax < 2^-6 \\cdot 6 s_t``, about
+``amax / 28672``) is rounded on the coarser grid of ``2^-6 s_t``, to 0 when below
+``2^-8 s_t``; and the element is rounded from ``x`` times a rounded reciprocal,
+not from a quotient. NaN or +-inf anywhere makes the whole tensor NaN, as in
+the reference (through ``s_t``). One deliberate difference, where the reference
+divides by zero or overflows: a tensor with ``s_t < 2^-120`` (``amax`` below
+about ``2.0e-33``; every all-zero tensor) gives zeros with ``x``'s signs
+(torchao: all NaN for an all-zero tensor; for ``s_t <= 2^-122``,
+``1 / (s_t s_b)`` overflows in the blocks whose scale is clamped to ``2^-6``,
+whose elements then become ``+-6 s_t s_b`` or NaN).
+
+NVFP4 is not always idempotent in float32: ``Q(x)``'s largest entry is
+``fl(6 fl(448 s_t))``, and ``fl(. / 2688)`` of it differs from ``s_t`` by an ulp
+for about a third of all float32 ``s_t``; the codes and block scales repeat,
+the outputs then move by an ulp. (With ``s_t`` of at most 19 significant bits,
+``fl(6 fl(448 s_t)) = 2688 s_t`` exactly and ``Q`` is idempotent; QAT rounds
+``s_t`` to 14, see :mod:`jaxprune.qat_grid`.) In bfloat16 it is idempotent: ``amax`` is a bfloat16
+value, recomputed exactly.
+
 Non-finite input
 ----------------
 A NaN or +-inf anywhere in a group makes the whole group's output NaN, in
-every family. For MX this is what the reference does (``amax`` is NaN or inf,
-the shared exponent becomes NaN); for int and FP8 an infinite ``amax`` would
-otherwise make ``s`` infinite and silently zero the rest of the group.
+every family (for NVFP4 the group is the whole tensor). For MX this is what
+the reference does (``amax`` is NaN or inf, the shared exponent becomes NaN);
+for int and FP8 an infinite ``amax`` would otherwise make ``s`` infinite and
+silently zero the rest of the group.
 
 Arithmetic: the same bits on every backend
 ------------------------------------------
@@ -116,7 +161,8 @@ exact too. Int and FP8 groups are first scaled by ``2^-floor(log2 amax)``
 keeps ``s`` normal for tiny groups.
 
 bfloat16 inputs: MX results are bfloat16 values (at most 8 significant bits)
-outside bfloat16's subnormal range, so they are exact. Int and FP8 results
+outside bfloat16's subnormal range, so they are exact. NVFP4 results are the
+float32 ones rounded to bfloat16 (as torchao's ``dequantize(torch.bfloat16)``). Int and FP8 results
 ``n * s`` are rounded to bfloat16, and the symmetric formats still satisfy
 ``Q(Q(x)) == Q(x)`` in bfloat16 (bit for bit, normal range): ``amax`` is a
 bfloat16 value, ``bf16(fl32(q_max * fl32(amax / q_max))) = amax``, so ``Q(x)``
@@ -125,6 +171,8 @@ relative ``2^-8`` of ``n`` (``|n| <= 127``; FP8 elements are ``2^-4`` apart
 relatively), so it rounds back to ``n``.
 
 References: OCP Microscaling Formats (MX) v1.0 Specification (2023);
+NVIDIA, "Introducing NVFP4 for Efficient and Accurate Low-Precision Inference"
+(2025); github.com/pytorch/ao (``torchao/prototype/mx_formats/nvfp4_tensor.py``);
 OCP 8-bit Floating Point Specification (OFP8) v1.0 (2023);
 Rouhani et al., "Microscaling Data Formats for Deep Learning", 2023;
 github.com/microsoft/microxcaling (``mx/mx_ops.py``, ``mx/elemwise_ops.py``).
@@ -140,14 +188,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import quant_bits as qb
-from jaxprune import quant_blocks, quant_scaled
+from jaxprune import quant_blocks, quant_nvfp4, quant_scaled
 from jaxprune.quant_blocks import LOG2_ROUND_UP as _LOG2_ROUND_UP  # noqa: F401
 from jaxprune.quant_formats import FORMATS, Format, get_format, int_format
 
-__all__ = ["FORMATS", "GRANULARITIES", "MX_BLOCK_SIZE", "Format", "Spec", "get_format",
-           "grouped", "int_format", "make_spec", "quantize"]
+__all__ = ["FORMATS", "GRANULARITIES", "MX_BLOCK_SIZE", "NVFP4_BLOCK_SIZE", "Format", "Spec",
+           "default_block_size", "get_format", "grouped", "int_format", "make_spec", "quantize"]
 
 MX_BLOCK_SIZE = 32
+NVFP4_BLOCK_SIZE = quant_nvfp4.BLOCK_SIZE
 GRANULARITIES = ("tensor", "channel", "block")
 
 
@@ -164,10 +213,17 @@ class Spec(NamedTuple):
   symmetric: bool
 
 
+def default_block_size(fmt: str | Format) -> int | None:
+  """The block size of a block format: ``MX_BLOCK_SIZE`` (32) for MX, ``NVFP4_BLOCK_SIZE``
+  (16) for NVFP4; None for int and FP8, which have no default block."""
+  kind = get_format(fmt).kind
+  return {"mx": MX_BLOCK_SIZE, "nvfp4": NVFP4_BLOCK_SIZE}.get(kind)
+
+
 def make_spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> Spec:
   """The :class:`Spec` of ``quantize(x, fmt, ...)`` for an ``x`` of ``shape`` and ``dtype``.
 
-  Resolves the defaults (MX blocks of ``MX_BLOCK_SIZE``, a non-negative ``axis``) and
+  Resolves the defaults (MX and NVFP4 blocks, a non-negative ``axis``) and
   raises the ``ValueError`` s that :func:`quantize` documents.
   """
   fmt = get_format(fmt)
@@ -180,13 +236,16 @@ def make_spec(fmt, shape, dtype, axis, block_size, granularity, symmetric) -> Sp
       isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
       or block_size < 1):
     raise ValueError(f"`block_size` must be a positive integer or None, got {block_size!r}.")
-  if fmt.kind == "mx":
+  if fmt.kind in ("mx", "nvfp4"):
     if granularity not in (None, "block"):
       raise ValueError(
-        f"MX format {fmt.name!r} scales blocks: `granularity` must be 'block' or None, "
-        f"got {granularity!r}.")
+        f"{fmt.kind.upper()} format {fmt.name!r} scales blocks: `granularity` must be "
+        f"'block' or None, got {granularity!r}.")
+    if fmt.kind == "nvfp4" and block_size not in (None, NVFP4_BLOCK_SIZE):
+      raise ValueError(f"NVFP4 scales blocks of {NVFP4_BLOCK_SIZE} elements: `block_size` "
+                       f"must be {NVFP4_BLOCK_SIZE} or None, got {block_size!r}.")
     granularity = "block"
-    block_size = MX_BLOCK_SIZE if block_size is None else block_size
+    block_size = default_block_size(fmt) if block_size is None else block_size
   elif granularity is None:
     granularity = "tensor" if block_size is None else "block"
   if granularity == "block" and block_size is None:
@@ -242,6 +301,8 @@ def _fake_quantize(x: jax.Array, spec: Spec) -> jax.Array:
     return x
   if spec.fmt.kind == "mx":
     fn = functools.partial(quant_blocks.mx, fmt=spec.fmt)
+  elif spec.fmt.kind == "nvfp4":
+    fn = quant_nvfp4.nvfp4  # the blocks of the whole tensor: it also needs the tensor's amax
   elif spec.symmetric:
     fn = functools.partial(quant_scaled.absmax, fmt=spec.fmt)
   else:
@@ -285,9 +346,12 @@ def quantize(
     axis: the axis that channel scales are reduced over and that blocks run
       along. Ignored for ``granularity='tensor'``.
     block_size: elements per block along ``axis``; must divide its size.
-      Default for MX formats: ``MX_BLOCK_SIZE`` (32).
+      Default for MX formats: ``MX_BLOCK_SIZE`` (32); NVFP4: 16, the only
+      size it takes (``'nvfp4'``: E2M1 elements, an E4M3 scale per 16 along
+      ``axis`` and a float32 scale per tensor, as torchao computes them).
     granularity: ``'tensor'``, ``'channel'`` or ``'block'``. Default:
-      ``'block'`` if ``block_size`` is given or ``fmt`` is MX, else ``'tensor'``.
+      ``'block'`` if ``block_size`` is given or ``fmt`` is MX or NVFP4, else
+      ``'tensor'``.
     symmetric: int formats only; ``False`` selects the affine variant with an
       integer zero point.
 
@@ -297,8 +361,9 @@ def quantize(
 
   Raises:
     ValueError: for an unknown ``fmt``, non-floating ``x``, an out-of-range
-      ``axis``, a ``block_size`` that does not divide the axis, or inconsistent
-      ``granularity`` / ``block_size`` / ``symmetric``.
+      ``axis``, a ``block_size`` that does not divide the axis (NVFP4: an axis
+      that 16 does not divide, or a ``block_size`` other than 16), or
+      inconsistent ``granularity`` / ``block_size`` / ``symmetric``.
   """
   x = jnp.asarray(x)
   spec = make_spec(fmt, x.shape, x.dtype, axis, block_size, granularity, symmetric)

@@ -1,4 +1,4 @@
-"""The table of quantization formats: scaled integers, scaled FP8 and OCP Microscaling (MX).
+"""The table of quantization formats: scaled integers, scaled FP8, OCP Microscaling (MX), NVFP4.
 
 Each :class:`Format` describes one element type (its bits, exponent and
 fraction bits, range) and how its groups are scaled (``kind``). The
@@ -17,8 +17,9 @@ class Format(NamedTuple):
 
   Attributes:
     name: its name in ``FORMATS``.
-    kind: ``'int'`` (scaled integer), ``'fp'`` (scaled FP8) or ``'mx'``.
-    bits: storage bits per element, sign included (the MX scale is not counted).
+    kind: ``'int'`` (scaled integer), ``'fp'`` (scaled FP8), ``'mx'`` or ``'nvfp4'``.
+    bits: storage bits per element, sign included (the MX and NVFP4 scales are not
+      counted).
     ebits: exponent bits of the element (0 for integer elements).
     mbits: fraction bits of the element: explicit mantissa bits for floats, 6
       for mxint8's 1.6 fixed point, 0 for integers.
@@ -53,6 +54,7 @@ _ALL = (
   _float_element("mxfp6_e2m3", "mx", 2, 3, 7.5),
   _float_element("mxfp4_e2m1", "mx", 2, 1, 6.0),
   Format("mxint8", "mx", 8, 0, 6, 0, 0, 127 / 64),
+  _float_element("nvfp4", "nvfp4", 2, 1, 6.0),
 )
 _BY_NAME = {f.name: f for f in _ALL}
 FORMATS: tuple[str, ...] = tuple(_BY_NAME)

@@ -9,7 +9,8 @@ are analysed. If it holds no checkpoint, ``--recipe`` (at ``--preset``) is
 trained there first; without ``WORKDIR``, into a new temporary directory.
 
 For every format (``--formats``; int formats symmetric with one scale per
-output channel, MX formats in blocks of 32 along the input axis) and every
+output channel, MX formats in blocks of 32 along the input axis, NVFP4 with an
+E4M3 scale per 16 along the input axis and a float32 scale per kernel) and every
 sparsity (``--sparsities``; magnitude, N:M along the input axis, unstructured
 uniform over the layers), on the kernels ``jaxprune.select()`` picks:
 
@@ -59,7 +60,7 @@ _PRESET = flags.DEFINE_enum("preset", "", ["", "tiny"], "Size preset of the reci
                             "('tiny': a seconds-long run).")
 _OUT = flags.DEFINE_string("out", "", "Markdown report path; the JSON goes beside it (.json).")
 _FORMATS = flags.DEFINE_list(
-    "formats", ["int8", "int4", "mxfp8_e4m3", "mxfp6_e2m3", "mxfp4_e2m1"],
+    "formats", ["int8", "int4", "mxfp8_e4m3", "mxfp6_e2m3", "mxfp4_e2m1", "nvfp4"],
     "Quantization formats (names in jaxprune.quant.FORMATS).")
 _SPARSITIES = flags.DEFINE_list(
     "sparsities", ["50%", "2:4", "1:4", "75%"], "N:M patterns ('2:4') or unstructured "
@@ -285,6 +286,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"{report['eval_batches']} batches; layer inputs: {report['input_rows']} validation "
       f"tokens. int formats: symmetric, one scale per {report['int_granularity']} "
       "(per output channel: over the input axis); MX: blocks of 32 along the input axis; "
+      "NVFP4: an E4M3 scale per 16 along the input axis and a float32 scale per kernel; "
       "N:M groups along the input axis; unstructured: uniform per layer.", "",
       "Errors: relative L2 in % of the weights (eps) and of the layer outputs (out), pooled "
       "over the layers; gap = eps_sq - (eps_s + eps_q). Loss: validation loss (nats/byte) with "

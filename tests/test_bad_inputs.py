@@ -116,6 +116,11 @@ TABLE = [
      "construction", r"quantize expects floating-point input"),
     ("block_size that does not divide", lambda: quant.quantize(
         jnp.ones((8, 6)), "int8", block_size=4, axis=1), "construction", r"`block_size`=4"),
+    ("NVFP4 with blocks other than 16", lambda: quant.quantize(
+        jnp.ones((8, 32)), "nvfp4", block_size=32), "construction",
+     r"`block_size` must be 16 or None, got 32"),
+    ("NVFP4 QAT on a kernel whose axis 16 does not divide", lambda: jaxprune.quantization(
+        ADAM, "nvfp4", select=BOTH), "init", r"a/kernel: `block_size`=16 must divide the size 8"),
     ("config.sparsity 1.5", lambda: train_config.check_config(_config(sparsity=1.5)),
      "construction", r"`config.sparsity` must be a number in \[0, 1\), got 1.5"),
     ("config one_shot_fraction 1.5", lambda: train_config.check_config(

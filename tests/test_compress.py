@@ -161,6 +161,7 @@ THEOREM_CASES = [
     ("mxfp4_e2m1", {"block_size": 8}, {"nm": (2, 4)}),
     ("mxfp6_e3m2", {"block_size": 16}, {"nm": (1, 4)}),
     ("mxint8", {"block_size": 8}, {"nm": (2, 4)}),
+    ("nvfp4", {}, {"nm": (2, 4)}),  # blocks of 16 and the tensor: both hold whole groups
     ("int4", {}, {"sparsity": 0.5}),
     (STEP_QUARTER, {}, {"sparsity": 0.75}),
 ]
@@ -222,20 +223,22 @@ def test_error_analysis_known_answer():
   assert "total" in table.splitlines()[-1]
 
 
-def test_error_analysis_matches_compress_and_pools_totals():
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_error_analysis_matches_compress_and_pools_totals(fmt):
   rng = np.random.default_rng(2)
   params = {"a": {"kernel": rng.normal(size=(16, 8)).astype(F32)},
             "b": {"kernel": 3 * rng.normal(size=(16, 8)).astype(F32)},
             "embed": {"embedding": rng.normal(size=(8, 8)).astype(F32)}}
   # The default selection leaves the output head (the last kernel, b) dense.
   assert [r.path for r in error_analysis(params, "int4", sparsity=0.5).rows] == ["a/kernel"]
-  res = error_analysis(params, "int4", sparsity=0.5, select=sel.select(head=None))
+  res = error_analysis(params, fmt, sparsity=0.5, select=sel.select(head=None))
   assert [r.path for r in res.rows] == ["a/kernel", "b/kernel"]
   num, den = np.zeros(4), 0.0
   for r in res.rows:
     w = params[r.path.split("/")[0]]["kernel"]
-    outs = [compress(w, None, sparsity=0.5), compress(w, "int4", axis=0),
-            compress(w, "int4", sparsity=0.5), compress(w, "int4", sparsity=0.5, order="qs")]
+    outs = [compress(w, None, sparsity=0.5), compress(w, fmt, axis=0),
+            compress(w, fmt, sparsity=0.5, axis=0),
+            compress(w, fmt, sparsity=0.5, axis=0, order="qs")]
     e2 = np.array([l2(w, c) ** 2 for c in outs])
     np.testing.assert_allclose(r[2:6], np.sqrt(e2) / np.linalg.norm(w), rtol=1e-6)
     assert r.out_eps_s is None
@@ -279,7 +282,7 @@ STRUCTURES = {"2:4": {"nm": (2, 4)}, "1:4": {"nm": (1, 4)},
               "50%": {"sparsity": 0.5}, "75%": {"sparsity": 0.75}}
 FMT_CASES = {  # Formats and scale granularities; the N:M axis is the kernel's input axis 0.
     "int8": {}, "int4-block16": {"block_size": 16}, "fp8_e4m3-channel": {"granularity": "channel"},
-    "mxfp4_e2m1": {}, "mxfp6_e3m2": {}, "mxint8": {},
+    "mxfp4_e2m1": {}, "mxfp6_e3m2": {}, "mxint8": {}, "nvfp4": {},
 }
 
 
@@ -307,9 +310,14 @@ def test_export_round_trip_bit_exact(case, structure):
     assert fields["index"].dtype == np.uint8 and fields["index"].nbytes == kept * 2 // 8
   else:
     assert fields["mask"].dtype == np.uint8 and fields["mask"].nbytes == 64 * 8 // 8
-  scales = {"int8": (1, 1), "int4-block16": (8, 4), "fp8_e4m3-channel": (8, 1)}.get(case, (8, 2))
+  scales = {"int8": (1, 1), "int4-block16": (8, 4), "fp8_e4m3-channel": (8, 1),
+            "nvfp4": (8, 4)}.get(case, (8, 2))
   assert fields["scales"].shape == scales
-  assert fields["scales"].dtype == (np.uint8 if f.kind == "mx" else np.float32)
+  assert fields["scales"].dtype == (np.float32 if f.kind in ("int", "fp") else np.uint8)
+  if f.kind == "nvfp4":  # E4M3 block scales and one float32 per tensor
+    assert fields["tensor_scale"].shape == (1,) and fields["tensor_scale"].dtype == np.float32
+  else:
+    assert "tensor_scale" not in fields
 
 
 @pytest.mark.parametrize("fmt, skw", [
@@ -325,6 +333,15 @@ def test_export_round_trip_other_formats(fmt, skw):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float16])
 def test_export_round_trip_low_precision_leaves(dtype):
   _check_round_trip(_params(dtype=dtype), "int4", {}, {"nm": (2, 4)}, dtype=dtype)
+
+
+def test_nvfp4_export_round_trip_bfloat16_and_zero_leaves():
+  _check_round_trip(_params(dtype=jnp.bfloat16), "nvfp4", {}, {"nm": (2, 4)},
+                    dtype=jnp.bfloat16)
+  # A zero kernel (s_t = 0): zero scales, and it decodes to +0.0 as compress gives.
+  params = {"layer": {"kernel": np.zeros((64, 8), F32), "bias": np.ones(8, F32)}}
+  fields = _check_round_trip(params, "nvfp4", {}, {}).leaves[1]
+  assert fields["tensor_scale"][0] == 0 and not fields["scales"].any()
 
 
 def test_export_known_layout():
@@ -347,6 +364,22 @@ def test_export_known_layout():
   fields = export_compressed({"k": w}, fmt="mxfp4_e2m1").leaves[0]
   np.testing.assert_array_equal(fields["scales"], [[125]])
   assert fields["values"][0] == np.array(4.0, ml_dtypes.float4_e2m1fn).view(np.uint8) == 0b0110
+
+
+def test_nvfp4_export_known_layout():
+  # An (in=32, out=1) kernel: amax 2688 gives s_t = 2688 / (448 * 6) = 1. Block 0 (max 2688):
+  # s_b = 448, E4M3 0b0_1111_110 = 0x7E; block 1 (max 96): s_b = 16, 0b0_1011_000 = 0x58.
+  # Codes (E2M1 bit patterns, sign exponent(bias 1) mantissa): 2688 / 448 = 6 -> 0b0111;
+  # -896 / 448 = -2 -> 0b1100;
+  # 96 / 16 = 6 -> 0b0111; 40 / 16 = 2.5 -> 2 (ties to even) -> 0b0100. Nibbles low first.
+  w = np.zeros((32, 1), F32)
+  w[[0, 1, 16, 17], 0] = [2688, -896, 96, 40]
+  c = export_compressed({"k": w}, fmt="nvfp4")
+  fields = c.leaves[0]
+  np.testing.assert_array_equal(fields["tensor_scale"], [1.0])
+  np.testing.assert_array_equal(fields["scales"], [[0x7E, 0x58]])
+  np.testing.assert_array_equal(fields["values"], [0xC7] + [0] * 7 + [0x47] + [0] * 7)
+  np.testing.assert_array_equal(decompress(c)["k"][[0, 1, 16, 17], 0], [2688, -896, 96, 32])
 
 
 def test_export_selection_axis_and_structure():
@@ -455,6 +488,9 @@ def test_size_report_1024_kernel():
   cases = {  # (fmt, structure): stored bytes
       ("int4", (2, 4)): 1024 * 512 // 2 + 1024 * 512 // 4 + 4,  # (0.5*4 + 0.5*2)/32 + a scale
       ("mxfp4_e2m1", (2, 4)): 1024 * 512 // 2 + 1024 * 512 // 4 + 1024 * 1024 // 32,
+      # NVFP4: 4.5 bits per weight (an E4M3 byte per 16) and a float32 per tensor.
+      ("nvfp4", None): 1024 * 1024 // 2 + 1024 * 1024 // 16 + 4,
+      ("nvfp4", (2, 4)): 1024 * 512 // 2 + 1024 * 512 // 4 + 1024 * 1024 // 16 + 4,
   }
   for (fmt, nm), stored in cases.items():
     c = export_compressed({"d": {"kernel": kernel}}, fmt=fmt, nm=nm)

@@ -58,12 +58,13 @@ def test_every_cell_is_there_with_sane_errors(script, run):
 
 
 def test_sq_never_worse_than_qs_where_the_theorem_applies(run):
-  # N:M groups lie along the input axis; MX blocks of 32 run along it (m divides 32) and int
-  # scales are per output channel (reduced over it): every group is inside one scaling group.
+  # N:M groups lie along the input axis; MX blocks of 32 and NVFP4 blocks of 16 run along it
+  # (m divides both), NVFP4's tensor scale spans every group, and int scales are per output
+  # channel (reduced over it): every group is inside one scaling group.
   report, _, _ = run
   covered = [c for c in report["cells"] if c["nm"] and (
-      c["format"].startswith("int") or 32 % c["nm"][1] == 0)]
-  assert len(covered) == 10
+      c["format"].startswith("int") or 16 % c["nm"][1] == 0)]
+  assert len(covered) == 12
   for c in covered:
     for row in [*c["layers"], c["total"]]:
       assert row["eps_sq"] <= row["eps_qs"] + 1e-12, (c["format"], c["sparsity"], row["path"])
@@ -78,6 +79,12 @@ def test_compressed_sizes(run):
            if c["format"] == "mxfp4_e2m1"}
   assert mxfp4["2:4"] == pytest.approx(0.5 * (4 + 2) + 8 / 32)
   assert mxfp4["1:4"] == pytest.approx(0.25 * (4 + 2) + 8 / 32)
+  # NVFP4, next to it: an 8-bit E4M3 scale per 16, and a float32 per kernel (6 kernels).
+  nvfp4 = {c["sparsity"]: c["bits_per_weight"] for c in report["cells"]
+           if c["format"] == "nvfp4"}
+  per_tensor = 32 * len(report["layers"]) / report["weights"]
+  assert nvfp4["2:4"] == pytest.approx(0.5 * (4 + 2) + 8 / 16 + per_tensor)
+  assert nvfp4["1:4"] == pytest.approx(0.25 * (4 + 2) + 8 / 16 + per_tensor)
 
 
 def test_markdown_and_json(script, run):

@@ -94,6 +94,11 @@ def _with_field(compressed, leaf, key, value):
      r"mask keeps 64 of 128 entries, with 63 stored values"),
     ({"fmt": "int4", "nm": (2, 4)}, "scales", lambda a: a.astype(np.float64),
      r"'scales' has shape .* and dtype float64"),
+    # NVFP4: an E4M3 NaN (0x7F) as a block scale; an infinite per-tensor scale.
+    ({"fmt": "nvfp4", "nm": (2, 4)}, "scales", lambda a: np.full_like(a, 0x7F),
+     r"NVFP4 scales are not what the format produces.*bytes in \[127, 127\]"),
+    ({"fmt": "nvfp4"}, "tensor_scale", lambda a: np.full_like(a, np.inf),
+     r"NVFP4 scales are not what the format produces: tensor scale inf"),
 ])
 def test_stored_arrays_that_do_not_fit_their_layout_raise(tmp_path, kw, key, change, match):
   """Arrays saved as they are (so the checksum holds) are still checked against the layout."""

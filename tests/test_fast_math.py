@@ -7,7 +7,7 @@ exact bits must survive it. The subset (``-k`` below) is the tests that compare
 bits with an oracle (ml_dtypes casts, the microxcaling port, n * s, the
 compressed export's decoder, QAT's representability after every step and its
 hand-computed first update), so that it stays near a minute on two cores; the
-hypothesis-driven ones among them cover every int, FP8 and MX format.
+hypothesis-driven ones among them cover every int, FP8, MX and NVFP4 format.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import pytest
 
 FAST_MATH = "--xla_cpu_enable_fast_math=true --xla_cpu_fast_math_honor_division=false"
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_quant.py", "tests/test_compress.py", "tests/test_qat.py"]
+FILES = ["tests/test_quant.py", "tests/test_nvfp4.py", "tests/test_compress.py",
+         "tests/test_qat.py"]
 SUBSET = " or ".join([
     "fp8_matches_ml_dtypes", "int_fp8_invariants", "int_fp8_subnormal", "int8_per_channel",
     "fp8_ties", "int_asymmetric_invariants", "mx_matches_microxcaling", "nvfp4",

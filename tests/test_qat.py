@@ -78,6 +78,7 @@ def test_scale_bits():
   assert [qat.scale_bits(f"int{k}") for k in range(2, 9)] == [20, 19, 18, 17, 16, 15, 14]
   assert (qat.scale_bits("fp8_e4m3"), qat.scale_bits("fp8_e5m2")) == (8, 9)
   assert all(qat.scale_bits(f) is None for f in MX)
+  assert qat.scale_bits("nvfp4") == 14  # NVFP4's per-tensor scale
 
 
 def significant_bits(x: float) -> int:
@@ -115,6 +116,27 @@ def test_snapped_quantize_short_scale_and_fixed_point(fmt, channel, data):
     if s_snapped >= np.finfo(np.float32).tiny:  # (tiny groups: quantize's subnormal scales)
       assert significant_bits(s_snapped) <= b
       assert abs(s_snapped / (np.abs(xc).max() / f.max_normal) - 1) <= 2.0**-b
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), exponent=st.integers(-100, 100), bf16=st.booleans())
+def test_nvfp4_snapped_quantize_is_a_fixed_point(data, exponent, bf16):
+  """Plain NVFP4 is not idempotent in float32 (s_t = amax / 2688 is recomputed from
+  fl(6 fl(448 s_t))); the QAT view, with s_t rounded to 14 significant bits, is, and so is
+  quantize in bfloat16. Blocks of very different sizes exercise the clamped block scales."""
+  x = data.draw(hnp.arrays(np.float32, (32, 8), elements=st.floats(
+      -8, 8, width=32, allow_subnormal=False)))
+  x = x * np.float32(2.0**exponent) * np.exp2(np.arange(8) * -3.0).astype(np.float32)
+  x[1, 0] = np.float32(np.abs(x).max() * (1 - 2.0**-20))  # a near-tie at the top
+  if bf16:
+    x = jnp.asarray(x, jnp.bfloat16)
+  y = snapped("nvfp4", None)(x)
+  np.testing.assert_array_equal(np.asarray(quantizer("nvfp4", 0, None)(y)).view(np.uint16 if bf16
+                                else np.int32), np.asarray(y).view(np.uint16 if bf16 else np.int32))
+  amax = float(np.abs(np.asarray(x, np.float32)).max())
+  if not bf16 and amax / 2688 >= 2.0**-100:
+    s_t = float(np.abs(np.asarray(y)).max()) / 2688  # exact: the top entry is 2688 s~
+    assert significant_bits(s_t) <= 14 and abs(s_t / (amax / 2688) - 1) <= 2.0**-14
 
 
 @pytest.mark.parametrize("fmt", ["int2", "int4", "int8", "fp8_e4m3", "fp8_e5m2"])
@@ -197,6 +219,7 @@ CONFIGS = {
     "mxfp6_e3m2": ("qs", "nm", None),
     "mxfp4_e2m1": ("sq", "unstructured", None),
     "mxint8": ("qs", "unstructured", None),
+    "nvfp4": ("qs", "nm", None),
 }
 
 
@@ -259,6 +282,29 @@ def test_int_scale_changes_within_the_bound_land_exactly(fmt, factor):
   _, state = run(tx, {"w": w}, scaled_by(factors), len(factors),
                  lambda params, state: assert_on_grid(params["w"], fmt), update)
   assert int(qat.quantization_corrections(state)) == 0
+
+
+def test_nvfp4_scale_changes_within_the_bound_land_exactly():
+  """NVFP4: exact while each block's s_b s~ moves by at most two binades per step (here the
+  tensor by up to 3x, with noise); then a 1000x shrink, which misses and is counted."""
+  tx, update = scaled_transform("nvfp4")
+  w = jax.random.normal(jax.random.key(2), (32, 16))
+  factors = [3.0, 1 / 3, 1 / 2.5, 2.5, 0.5, 2.0]
+  check = lambda params, state: assert_on_grid(params["w"], "nvfp4")  # noqa: E731
+  params, state = run(tx, {"w": w}, scaled_by(factors), len(factors), check, update)
+  assert int(qat.quantization_corrections(state)) == 0
+  # v - p of the largest entry needs v's fine bits and p's high bits: the per-tensor scale
+  # cannot land, so the tensor lands on 0 (and the next step lands from there).
+  params, state = run(tx, params, scaled_by([1e-3]), 1, check, update)
+  v = np.asarray(tx.view(jaxprune.master_params(state))["w"])
+  assert not np.asarray(params["w"]).any()
+  assert int(qat.quantization_corrections(state)) == (v != 0).sum() > 400
+  before = int(qat.quantization_corrections(state))
+  updates, state = update(scaled_by([1.0])(params, state, 0), state, params)  # from 0: lands
+  params = optax.apply_updates(params, updates)
+  assert int(qat.quantization_corrections(state)) == before
+  np.testing.assert_array_equal(params["w"], tx.view(jaxprune.master_params(state))["w"])
+  assert np.asarray(params["w"]).any()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -416,6 +462,7 @@ BF16_CONFIGS = {
     "fp8_e5m2": ("qs", "nm", "tensor"),
     "mxfp4_e2m1": ("sq", "nm", None),
     "mxint8": ("sq", None, None),
+    "nvfp4": ("sq", "unstructured", None),
 }
 
 

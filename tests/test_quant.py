@@ -61,7 +61,8 @@ def assert_bits_equal(actual, expected, signed_zeros=True):
 # ---------------------------------------------------------------------------
 def test_format_table():
   assert FORMATS == (*INTS, *FP8, "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3",
-                     "mxfp4_e2m1", "mxint8")
+                     "mxfp4_e2m1", "mxint8", "nvfp4")
+  assert get_format("nvfp4")[1:] == ("nvfp4", 4, 2, 1, 2, 0, 6.0)  # E2M1 elements
   emax = {"mxfp8_e4m3": 8, "mxfp8_e5m2": 15, "mxfp6_e3m2": 4, "mxfp6_e2m3": 2,
           "mxfp4_e2m1": 2, "mxint8": 0, "fp8_e4m3": 8, "fp8_e5m2": 15}
   max_normal = {"mxfp8_e4m3": 448, "mxfp8_e5m2": 57344, "mxfp6_e3m2": 28, "mxfp6_e2m3": 7.5,
@@ -456,7 +457,7 @@ def test_half_precision_inputs():
 @pytest.mark.parametrize("fmt,kwargs", [
     ("int2", {"block_size": 8}), ("int4", {"granularity": "channel"}), ("int8", {}),
     ("fp8_e4m3", {"granularity": "channel"}), ("fp8_e5m2", {}), ("mxfp8_e4m3", {}),
-    ("mxfp4_e2m1", {}), ("mxint8", {})])
+    ("mxfp4_e2m1", {}), ("mxint8", {}), ("nvfp4", {})])
 def test_bfloat16_results_are_fixed_points(fmt, kwargs):
   # Q(Q(x)) == Q(x) in bfloat16 (module docstring): quantized bfloat16 params stay on the grid.
   rng = np.random.default_rng(7)

@@ -108,5 +108,5 @@ def grid(fmt) -> Grid:
   if fmt.kind not in ("int", "mx"):
     raise ValueError(f"GPTQ supports the int and MX formats of jaxprune.quant, got {fmt.name!r} "
                      f"(kind {fmt.kind!r}); valid: "
-                     f"{[f for f in quant.FORMATS if quant.get_format(f).kind != 'fp']}.")
+                     f"{[f for f in quant.FORMATS if quant.get_format(f).kind in ('int', 'mx')]}.")
   return Grid(fmt)
