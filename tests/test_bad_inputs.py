@@ -116,6 +116,14 @@ TABLE = [
      "construction", r"quantize expects floating-point input"),
     ("block_size that does not divide", lambda: quant.quantize(
         jnp.ones((8, 6)), "int8", block_size=4, axis=1), "construction", r"`block_size`=4"),
+    ("unknown rounding", lambda: quant.quantize(jnp.ones(4), "int8", round="up"),
+     "construction", r"`round` must be one of \('even', 'nearest'\), got 'up'"),
+    ("unknown quantizer convention", lambda: quant.quantize(
+        jnp.ones(4), "int8", convention="gptq"), "construction",
+     r"`convention` must be one of \('absmax', 'harma'\), got 'gptq'"),
+    ("Harma's convention on an MX format", lambda: quant.quantize(
+        jnp.ones(32), "mxfp4_e2m1", convention="harma"), "construction",
+     r"`convention`='harma'.*int format"),
     ("config.sparsity 1.5", lambda: train_config.check_config(_config(sparsity=1.5)),
      "construction", r"`config.sparsity` must be a number in \[0, 1\), got 1.5"),
     ("config one_shot_fraction 1.5", lambda: train_config.check_config(
