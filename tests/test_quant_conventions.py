@@ -131,20 +131,23 @@ def test_mx_rounding_bf16_inputs_differ_only_on_ties():
 # ---------------------------------------------------------------------------
 # Int and FP8, round='nearest'.
 # ---------------------------------------------------------------------------
-def test_round_nearest_int_fp8_by_hand():
-  # int4, amax 7: s = 1, ties at the halves.
-  x = [7, 0.5, 1.5, 2.5, -0.5, -2.5, 6.5, -6.5]
-  assert_bits_equal(q(x, "int4", round="nearest"), [7, 1, 2, 3, -1, -3, 7, -7])
-  assert_bits_equal(q(x, "int4"), [7, 0, 2, 2, -0.0, -2, 6, -6])
-  # fp8_e4m3, amax 448: s = 1. 1 + 1/16 lies between 1 (even) and 1.125; 1.1875 between
-  # 1.125 and 1.25 (even); 2^-10 between 0 and the smallest subnormal 2^-9.
-  x = [448, 1.0625, 1.1875, 2.0**-10, -1.0625]
-  assert_bits_equal(q(x, "fp8_e4m3", round="nearest"), [448, 1.125, 1.25, 2.0**-9, -1.125])
-  assert_bits_equal(q(x, "fp8_e4m3"), [448, 1, 1.25, 0, -1])
-  # Affine int4: lo = -2.5, hi = 12.5, s = 1, zero point round(2.5): 3 (nearest) or 2 (even).
-  x = [-2.5, 12.5, 0.5, 1.5]
-  assert_bits_equal(q(x, "int4", symmetric=False, round="nearest"), [-3, 12, 1, 2])
-  assert_bits_equal(q(x, "int4", symmetric=False), [-2, 12, 0, 2])
+HAND = [
+    # int4, amax 7: s = 1, ties at the halves.
+    ("int4", {}, [7, 0.5, 1.5, 2.5, -0.5, -2.5, 6.5, -6.5],
+     [7, 1, 2, 3, -1, -3, 7, -7], [7, 0, 2, 2, -0.0, -2, 6, -6]),
+    # fp8_e4m3, amax 448: s = 1. 1 + 1/16 lies between 1 (even) and 1.125; 1.1875 between
+    # 1.125 and 1.25 (even); 2^-10 between 0 and the smallest subnormal 2^-9.
+    ("fp8_e4m3", {}, [448, 1.0625, 1.1875, 2.0**-10, -1.0625],
+     [448, 1.125, 1.25, 2.0**-9, -1.125], [448, 1, 1.25, 0, -1]),
+    # Affine int4: lo = -2.5, hi = 12.5, s = 1, zero point round(2.5): 3 (nearest) or 2 (even).
+    ("int4", {"symmetric": False}, [-2.5, 12.5, 0.5, 1.5], [-3, 12, 1, 2], [-2, 12, 0, 2]),
+]
+
+
+@pytest.mark.parametrize("fmt,kwargs,x,nearest,even", HAND, ids=["int4", "fp8_e4m3", "affine"])
+def test_round_nearest_int_fp8_by_hand(fmt, kwargs, x, nearest, even):
+  assert_bits_equal(q(x, fmt, round="nearest", **kwargs), nearest)
+  assert_bits_equal(q(x, fmt, **kwargs), even)
 
 
 @pytest.mark.parametrize("fmt", INTS[1::2] + ("fp8_e4m3", "fp8_e5m2"))
