@@ -74,6 +74,7 @@ from jaxprune import selection as selection_lib
 from jaxprune.pruning import as_selection
 
 ORDERS = ("sq", "qs")
+QUANT_DEFAULTS = ("even", "absmax")  # quant.quantize's default `round` and `convention`
 
 Quantizer = Callable[[jax.Array], jax.Array]
 FormatLike = str | quant.Format | Quantizer | None
@@ -111,8 +112,11 @@ def check_nm(nm) -> tuple[int, int] | None:
   return _checks.check_nm(*nm)
 
 
-def _check_args(dtype, fmt, sparsity, nm, order, block_size, granularity):
-  """Validates :func:`compress`'s arguments; returns ``(fmt, nm)`` normalised."""
+def _check_args(dtype, fmt, sparsity, nm, order, block_size, granularity, options):
+  """Validates :func:`compress`'s arguments; returns ``(fmt, nm)`` normalised.
+
+  ``options``: ``round`` and ``convention``, which need a named ``fmt`` unless default.
+  """
   if order not in ORDERS:
     raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -125,13 +129,14 @@ def _check_args(dtype, fmt, sparsity, nm, order, block_size, granularity):
     _checks.check_sparsity("sparsity", sparsity)
   if fmt is None and sparsity is None and nm is None:
     raise ValueError("nothing to do: give a `fmt`, a `sparsity` or an `nm`.")
-  if not isinstance(fmt, quant.Format) and (block_size is not None or granularity is not None):
-    raise ValueError("`block_size` and `granularity` are settings of a named `fmt`, got "
-                     f"fmt={fmt!r}.")
+  if not isinstance(fmt, quant.Format) and (block_size is not None or granularity is not None
+                                            or options != QUANT_DEFAULTS):
+    raise ValueError("`block_size`, `granularity`, `round` and `convention` are settings of a "
+                     f"named `fmt`, got fmt={fmt!r}.")
   return fmt, nm
 
 
-def _settings(shape, dtype, fmt, nm, axis, block_size, granularity):
+def _settings(shape, dtype, fmt, nm, axis, block_size, granularity, options=QUANT_DEFAULTS):
   """``(axis, block_size, granularity)`` checked and resolved as ``quant.quantize`` does.
 
   Resolving here gives equal settings equal jit cache keys, in :func:`compress`
@@ -144,7 +149,7 @@ def _settings(shape, dtype, fmt, nm, axis, block_size, granularity):
   elif -ndim <= axis < ndim:
     axis %= ndim
   if isinstance(fmt, quant.Format):
-    spec = quant.make_spec(fmt, shape, dtype, axis, block_size, granularity, True)
+    spec = quant.make_spec(fmt, shape, dtype, axis, block_size, granularity, True, *options)
     block_size, granularity = spec.block_size or None, spec.granularity
   return axis, block_size, granularity
 
@@ -175,15 +180,17 @@ def _kept_or_zero(y: jax.Array, mask: jax.Array | None) -> jax.Array:
 # The mask and the quantizer are jitted apart so that each compiles once per shape and setting
 # and is shared by both orders and by every pairing of a structure with a format.
 _mask_of_jit = jax.jit(_mask_of, static_argnums=(1, 2, 3))
-_quantize_jit = jax.jit(quant.quantize, static_argnames=("fmt", "axis", "block_size",
-                                                         "granularity", "symmetric"))
+_quantize_jit = jax.jit(quant.quantize, static_argnames=(
+    "fmt", "axis", "block_size", "granularity", "symmetric", "round", "convention"))
 _kept_or_zero_jit = jax.jit(_kept_or_zero)
 
 
-def _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularity):
+def _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularity,
+                       options=QUANT_DEFAULTS):
   """:func:`compress` on checked, resolved arguments; also returns the mask (or None).
 
   A Python-number (or None) ``sparsity`` is a static jit argument; a traced one is not.
+  ``options``: ``(round, convention)`` of ``quant.quantize``.
   """
   if sparsity is None or isinstance(sparsity, numbers.Real):
     mask_of = functools.partial(_mask_of_jit, sparsity=None if sparsity is None else
@@ -192,7 +199,8 @@ def _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularit
     mask_of = functools.partial(_mask_of, sparsity=sparsity, nm=nm, axis=axis)
   if isinstance(fmt, quant.Format):
     q = functools.partial(_quantize_jit, fmt=fmt, axis=0 if granularity == "tensor" else axis,
-                          block_size=block_size, granularity=granularity)
+                          block_size=block_size, granularity=granularity, round=options[0],
+                          convention=options[1])
   else:
     q = fmt
   if order == "sq":
@@ -215,6 +223,8 @@ def compress(
     order: str = "sq",
     block_size: int | None = None,
     granularity: str | None = None,
+    round: str = "even",
+    convention: str = "absmax",
 ) -> jax.Array:
   """Magnitude sparsity and fake quantization of ``x``, in either order.
 
@@ -240,7 +250,8 @@ def compress(
       over and blocks run along (so N:M groups lie inside blocks when ``m``
       divides ``block_size``). For an ``(in, out)`` Flax kernel use 0.
     order: ``'sq'`` or ``'qs'``.
-    block_size, granularity: as in ``quant.quantize`` (named formats only).
+    block_size, granularity, round, convention: as in ``quant.quantize`` (named
+      formats only).
 
   Returns:
     An array of ``x``'s shape and dtype. Non-finite inputs: NaN at the kept
@@ -252,10 +263,12 @@ def compress(
       ``quant.quantize`` / ``masks.nm_mask`` reject.
   """
   x = jnp.asarray(x)
-  fmt, nm = _check_args(x.dtype, fmt, sparsity, nm, order, block_size, granularity)
+  options = (round, convention)
+  fmt, nm = _check_args(x.dtype, fmt, sparsity, nm, order, block_size, granularity, options)
   axis, block_size, granularity = _settings(x.shape, x.dtype, fmt, nm, axis, block_size,
-                                            granularity)
-  return _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularity)[0]
+                                            granularity, options)
+  return _compress_and_mask(x, fmt, sparsity, nm, axis, order, block_size, granularity,
+                            options)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -266,9 +279,10 @@ class LeafLayout(NamedTuple):
 
   ``axis`` is None for a leaf stored as is; otherwise the leaf is compressed
   with ``compress(w, fmt, nm=nm, sparsity=sparsity, axis=axis,
-  block_size=block_size, granularity=granularity)`` (``fmt`` None: sparsity
-  only; ``nm`` and ``sparsity`` None: quantization only). ``granularity`` and
-  ``block_size`` are the resolved ones (e.g. ``'block'`` and 32 for MX).
+  block_size=block_size, granularity=granularity, round=round,
+  convention=convention)`` (``fmt`` None: sparsity only; ``nm`` and ``sparsity``
+  None: quantization only). ``granularity`` and ``block_size`` are the resolved
+  ones (e.g. ``'block'`` and 32 for MX).
   """
 
   path: str
@@ -280,14 +294,20 @@ class LeafLayout(NamedTuple):
   axis: int | None = None
   block_size: int | None = None
   granularity: str | None = None
+  round: str = "even"
+  convention: str = "absmax"
 
   @property
   def compressed(self) -> bool:
     return self.axis is not None
 
 
-def leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity):
-  """One :class:`LeafLayout` per leaf of ``params`` (``axis`` None: not selected)."""
+def leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity,
+                 options=QUANT_DEFAULTS):
+  """One :class:`LeafLayout` per leaf of ``params`` (``axis`` None: not selected).
+
+  ``options``: ``(round, convention)`` of ``quant.quantize``.
+  """
   if sparsity is not None and nm is not None:
     raise ValueError("give either `sparsity` (unstructured) or `nm` (N:M), not both.")
   fmt = _resolve_fmt(fmt)
@@ -296,8 +316,10 @@ def leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularit
   nm = check_nm(nm)
   if fmt is None and sparsity is None and nm is None:
     raise ValueError("nothing to do: give a `fmt`, a `sparsity` or an `nm`.")
-  if fmt is None and (block_size is not None or granularity is not None):
-    raise ValueError("`block_size` and `granularity` need a `fmt`.")
+  options = tuple(options)
+  if fmt is None and (block_size is not None or granularity is not None
+                      or options != QUANT_DEFAULTS):
+    raise ValueError("`block_size`, `granularity`, `round` and `convention` need a `fmt`.")
   target = 1.0 - nm[0] / nm[1] if nm else (0.0 if sparsity is None else sparsity)
   # With an explicit `axis`, divisibility by m is checked along it below.
   specs = selection_lib.resolve(as_selection(select), params, target,
@@ -314,14 +336,14 @@ def leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularit
       continue
     try:
       a, size, gran = _settings(shape, dtype, fmt, nm, spec.axis if axis is None else axis,
-                                block_size, granularity)
+                                block_size, granularity, options)
       if not 0 <= a < len(shape):
         raise ValueError(f"`axis`={a} is out of range for shape {shape}.")
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
     layouts.append(LeafLayout(
         path, shape, str(dtype), None if fmt is None else fmt.name, nm,
-        None if nm or sparsity is None else float(spec.sparsity), a, size, gran))
+        None if nm or sparsity is None else float(spec.sparsity), a, size, gran, *options))
   return layouts
 
 
@@ -340,7 +362,8 @@ def compress_leaf(x: np.ndarray, layout: LeafLayout, *, order: str = "sq",
     return np.asarray(x), None
   block = layout.block_size if fmt else None
   gran = layout.granularity if fmt else None
-  y, mask = _compress_and_mask(x, fmt, sparsity, nm, layout.axis, order, block, gran)
+  y, mask = _compress_and_mask(x, fmt, sparsity, nm, layout.axis, order, block, gran,
+                               (layout.round, layout.convention))
   return np.asarray(y), None if mask is None else np.asarray(mask)
 
 
@@ -355,6 +378,8 @@ def compress_params(
     axis: int | None = None,
     block_size: int | None = None,
     granularity: str | None = None,
+    round: str = "even",
+    convention: str = "absmax",
 ):
   """The fake-compressed parameter tree: :func:`compress` of every selected leaf.
 
@@ -368,13 +393,14 @@ def compress_params(
   Args:
     params: parameter tree.
     fmt: a name in ``quant.FORMATS``, or None to only sparsify.
-    sparsity, nm, select, axis, block_size, granularity: as in
+    sparsity, nm, select, axis, block_size, granularity, round, convention: as in
       :func:`export_compressed`; none of ``sparsity``/``nm``: only quantize.
     order: ``'sq'`` or ``'qs'``.
   """
   if order not in ORDERS:
     raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
-  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity)
+  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity,
+                         (round, convention))
   leaves, treedef = jax.tree.flatten(params)
   return treedef.unflatten([compress_leaf(leaf, lay, order=order)[0] if lay.compressed
                             else leaf for lay, leaf in zip(layouts, leaves, strict=True)])

@@ -98,6 +98,8 @@ def error_analysis(
     axis: int | None = None,
     block_size: int | None = None,
     granularity: str | None = None,
+    round: str = "even",
+    convention: str = "absmax",
 ) -> ErrorAnalysis:
   """Relative errors of sparsity, quantization and both (each order), per layer.
 
@@ -124,14 +126,15 @@ def error_analysis(
     select: a ``Selection``, regex(es), or None for ``jaxprune.select()``.
     axis: N:M and scale axis for every leaf; None: each leaf's N:M axis from
       the selection (the input axis of a kernel).
-    block_size, granularity: as in ``quant.quantize``.
+    block_size, granularity, round, convention: as in ``quant.quantize``.
 
   Returns:
     An :class:`ErrorAnalysis`; ``str()`` of it is a table.
   """
   if fmt is None:
     raise ValueError("error_analysis needs a quantization `fmt`.")
-  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity)
+  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity,
+                         (round, convention))
   by_path = {lay.path: lay for lay in layouts if lay.compressed}
   inputs = dict(inputs or {})
   for path, x in inputs.items():

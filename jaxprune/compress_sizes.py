@@ -84,6 +84,10 @@ def _scheme(lay: LeafLayout) -> str:
       f"unstructured {lay.sparsity:g}" if lay.sparsity is not None else None), lay.fmt]
   if lay.fmt and lay.granularity != "tensor":
     parts.append(lay.granularity + (f" {lay.block_size}" if lay.block_size else ""))
+  if lay.fmt and lay.convention != "absmax":
+    parts.append(lay.convention)
+  if lay.fmt and lay.round != "even":
+    parts.append(f"round={lay.round}")
   return " ".join(p for p in parts if p)
 
 

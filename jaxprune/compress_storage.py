@@ -16,12 +16,14 @@ arrays (all bit streams little-endian: code ``j`` occupies bits
   mxfp4 two per byte, mxfp6 four per three bytes, intK at K bits), ``int8`` for
   int8 and mxint8 (two's complement ``k`` of ``k / 64``), ``uint8`` bit patterns
   for 8-bit floats. intK codes are ``K``-bit two's complement of ``n`` in
-  ``[-q_max, q_max]``; float elements are ``ml_dtypes`` bit patterns
-  (``float8_e4m3fn``, ``float8_e5m2``, ``float6_e3m2fn``, ``float6_e2m3fn``,
-  ``float4_e2m1fn``, also for NVFP4). Without ``fmt``: the kept values themselves.
+  ``[-q_max, q_max]`` (``[-2^(K-1), 2^(K-1) - 1]`` with ``convention='harma'``);
+  float elements are ``ml_dtypes`` bit patterns (``float8_e4m3fn``,
+  ``float8_e5m2``, ``float6_e3m2fn``, ``float6_e2m3fn``, ``float4_e2m1fn``, also
+  for NVFP4). Without ``fmt``: the kept values themselves.
 * ``scales`` (quantized only), one per scaling group, shape ``(1, 1)``
   (tensor), ``(R, 1)`` (channel) or ``(R, L / block_size)`` (block). int and FP8:
-  ``float32`` ``s = fl32(amax / max_normal)`` with ``amax`` of the sparse group,
+  ``float32`` ``s = fl32(amax / max_normal)`` with ``amax`` of the sparse group
+  (``convention='harma'``: ``fl32(D / (2^k - 1))``, see ``quant_scaled.harma``),
   value ``fl32(code * s)`` (bit-exact while ``s`` is a normal float32; the
   export refuses groups where it is not). MX: ``uint8`` E8M0 ``e + 127``, value
   ``code * 2^e`` (always exact in float32). NVFP4: ``uint8`` E4M3FN bit patterns
@@ -187,8 +189,12 @@ def _encode_quantized(q2: np.ndarray, xs2: np.ndarray, lay: LeafLayout, fmt: qua
     e = np.maximum(e, -127)
     v = np.ldexp(q64, -_broadcast_scales(e, q2.shape))
     return _element_codes(v, fmt), {"scales": (e + 127).astype(np.uint8)}
-  amax = np.abs(_scale_groups(xs2.astype(np.float64), lay)).max(axis=-1)
-  s = (amax / fmt.max_normal).astype(np.float32)
+  groups = _scale_groups(xs2.astype(np.float64), lay)
+  amax = np.abs(groups).max(axis=-1)
+  if lay.convention == "harma":  # s = D / (2^k - 1), D = 2 amax with a negative entry, else amax
+    s = (amax * np.where((groups < 0).any(axis=-1), 2, 1) / (2**fmt.bits - 1)).astype(np.float32)
+  else:
+    s = (amax / fmt.max_normal).astype(np.float32)
   s_full = _broadcast_scales(s.astype(np.float64), q2.shape)
   v = np.divide(q64, s_full, out=np.zeros_like(q64), where=s_full > 0)
   return _element_codes(v, fmt), {"scales": s}
@@ -321,6 +327,8 @@ def export_compressed(
     select=None,
     block_size: int | None = None,
     granularity: str | None = None,
+    round: str = "even",
+    convention: str = "absmax",
 ) -> CompressedParams:
   """Stores the selected leaves sparsified then quantized (S->Q), in real compressed form.
 
@@ -342,7 +350,9 @@ def export_compressed(
     axis: grouping and scale axis for every selected leaf; None: each leaf's
       N:M axis from the selection (the input axis of a kernel).
     select: a ``Selection``, regex(es), or None for ``jaxprune.select()``.
-    block_size, granularity: as in ``quant.quantize``.
+    block_size, granularity, round, convention: as in ``quant.quantize``; the
+      layout records ``round`` and ``convention`` (``convention='harma'`` stores
+      ``k``-bit codes in ``[-2^(k-1), 2^(k-1) - 1]`` with its scales).
 
   Returns:
     A :class:`CompressedParams`.
@@ -351,7 +361,8 @@ def export_compressed(
     ValueError: for bad settings (as :func:`compress`), a non-finite selected
       leaf, or a leaf whose values cannot be stored bit-exactly.
   """
-  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity)
+  layouts = leaf_layouts(params, select, fmt, sparsity, nm, axis, block_size, granularity,
+                         (round, convention))
   leaves, treedef = jax.tree.flatten(params)
   stored = []
   for lay, leaf in zip(layouts, leaves, strict=True):

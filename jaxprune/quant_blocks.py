@@ -54,7 +54,14 @@ def mx_shared_exponent(amax_bits: jax.Array, emax: int) -> jax.Array:
 
 
 def mx(g: jax.Array, fmt: Format, rounding: str = "even") -> jax.Array:
-  """MX quantization of blocks ``g[..., :]``, microxcaling's ``round='even'`` or ``'nearest'``."""
+  """MX quantization of blocks ``g[..., :]``, microxcaling's ``round='even'`` or ``'nearest'``.
+
+  ``'even'`` rounds an element's ties to even, ``'nearest'`` away from zero
+  (microxcaling's ``sign(A) * floor(|A| + 1/2)``); both keep its float32 quirk
+  at ``t = 1/2 - 2^-25`` (:func:`jaxprune.quant_elements.round_magnitude`).
+  """
+  if rounding not in MX_ROUNDING:
+    raise ValueError(f"`round` must be one of {MX_ROUNDING}, got {rounding!r}.")
   amax = jnp.max(qb.bits(g) & qb.MAG, axis=-1, keepdims=True)
   e = mx_shared_exponent(amax, fmt.emax)
   bad = (amax >= qb.INF_BITS) | (e > 127)

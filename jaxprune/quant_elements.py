@@ -47,3 +47,17 @@ def round_magnitude(mag: jax.Array, fmt: Format, *, ties: str = "even",
   q = r.astype(jnp.float32) * qb.pow2(p - fmt.mbits)
   big = ex > fmt.emax + 1  # saturates; also keeps r and the shift in range
   return jnp.where(big | (q > fmt.max_normal), jnp.float32(fmt.max_normal), q)
+
+
+def round_integer(t: jax.Array, ties: str = "even") -> jax.Array:
+  """``t`` (float32) rounded to an integer: half to even, or half away from zero.
+
+  ``jnp.round`` is exact on every backend (no arithmetic); for ``'away'``,
+  ``t - trunc(t)`` is exact (Sterbenz) and so is adding ``+-1`` to an integer
+  below ``2^24``, so this too gives the same bits everywhere.
+  """
+  qb.check_ties(ties)
+  if ties == "even":
+    return jnp.round(t)
+  r = jnp.trunc(t)
+  return r + jnp.where(jnp.abs(t - r) >= 0.5, jnp.sign(t), 0.0)

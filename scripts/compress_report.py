@@ -28,6 +28,13 @@ formats, both as relative L2 and as increases of the validation loss, with
 standard errors over the batches. The report is printed as markdown and, with
 ``--out report.md``, written to ``report.md`` and ``report.json``.
 
+``--int_conventions=absmax,harma`` adds, for every int format, the rows of
+Harma et al.'s own integer quantizer (``quantize(..., convention='harma')``:
+``s = 2 amax / (2^k - 1)``, levels ``-2^(k-1) ... 2^(k-1) - 1``), labelled
+``int4 (harma)``; their finer step gives a smaller quantization error. The
+theorem behind finding 1 does not cover them: their levels are not symmetric,
+and the scale doubles when a channel keeps a negative weight.
+
 MXFP6 is ``mxfp6_e2m3`` by default: inside a block of 32 weights the values
 span few binades, so the extra mantissa bit beats E3M2's range (on the
 default dense model, quantization error 2.9% against 5.4%).
@@ -67,6 +74,9 @@ _SPARSITIES = flags.DEFINE_list(
     "sparsities ('75%' or '0.75').")
 _INT_GRANULARITY = flags.DEFINE_enum(
     "int_granularity", "channel", ["channel", "tensor"], "Scales of the int formats.")
+_INT_CONVENTIONS = flags.DEFINE_list(
+    "int_conventions", ["absmax"], "Scalings of the int formats, one row each: 'absmax' "
+    "(ours, s = amax / (2^(k-1) - 1)) and/or 'harma' (Harma et al.'s, s = 2 amax / (2^k - 1)).")
 _EVAL_BATCHES = flags.DEFINE_integer(
     "eval_batches", 0, "Validation batches for the losses (the first gives the layer inputs); "
     "0: the run's own evaluation set (config.eval_batches).")
@@ -138,11 +148,26 @@ def layer_inputs(graphdef, params, tokens, paths: Sequence[str]) -> dict:
   return {k: np.asarray(x).reshape(-1, x.shape[-1]) for k, x in inputs.items()}
 
 
+def variants(formats: Sequence[str], int_conventions: Sequence[str]) -> dict[str, tuple]:
+  """``label -> (format, convention)``: every format, each int one once per convention
+  (labelled ``'int4 (harma)'`` unless ``'absmax'``)."""
+  for c in int_conventions:
+    if c not in quant.CONVENTIONS:
+      raise ValueError(f"`int_conventions` must be among {quant.CONVENTIONS}, got {c!r}.")
+  out = {}
+  for f in formats:
+    f = quant.get_format(f).name  # Unknown names list the valid ones.
+    for c in int_conventions if quant.get_format(f).kind == "int" else ["absmax"]:
+      out[f if c == "absmax" else f"{f} ({c})"] = (f, c)
+  return out
+
+
 def evaluate(workdir: pathlib.Path, formats: Sequence[str], sparsities: Sequence[str], *,
-             int_granularity: str = "channel", eval_batches: int = 0) -> dict[str, Any]:
+             int_granularity: str = "channel", eval_batches: int = 0,
+             int_conventions: Sequence[str] = ("absmax",)) -> dict[str, Any]:
   """Every (format, sparsity) cell of the report, as a JSON-serialisable dict."""
   structures = {s: parse_sparsity(s) for s in sparsities}
-  formats = [quant.get_format(f).name for f in formats]  # Unknown names list the valid ones.
+  formats = variants(formats, int_conventions)
   graphdef, params, config, step = load_params(workdir)
   # numpy leaves: restored arrays are committed to a device, which would give every jitted
   # mask and quantizer a second compilation next to the numpy copies error_analysis makes.
@@ -164,25 +189,29 @@ def evaluate(workdir: pathlib.Path, formats: Sequence[str], sparsities: Sequence
   selected = [p for p, s in zip(jaxprune.leaf_paths(params), specs, strict=True) if s]
   inputs = layer_inputs(graphdef, params, batches[0][:, :-1], selected)
 
-  def settings(fmt: str | None) -> dict[str, Any]:
-    int_fmt = fmt is not None and quant.get_format(fmt).kind == "int"
-    return {"select": select, "granularity": int_granularity if int_fmt else None}
+  def settings(fmt: str | None, convention: str = "absmax") -> dict[str, Any]:
+    if fmt is None or quant.get_format(fmt).kind != "int":
+      return {"select": select, "granularity": None}
+    return {"select": select, "granularity": int_granularity, "convention": convention}
 
   dense = losses(params)
   sparse_only = {s: losses(compress_params(params, **kw, **settings(None)))
                  for s, kw in structures.items()}
-  quant_only = {f: losses(compress_params(params, f, **settings(f))) for f in formats}
+  quant_only = {v: losses(compress_params(params, f, **settings(f, c)))
+                for v, (f, c) in formats.items()}
   cells = []
-  for fmt in formats:
+  for variant, (fmt, convention) in formats.items():
+    fmt_kw = settings(fmt, convention)
     for label, kw in structures.items():
-      analysis = jaxprune.error_analysis(params, fmt, inputs=inputs, **kw, **settings(fmt))
+      analysis = jaxprune.error_analysis(params, fmt, inputs=inputs, **kw, **fmt_kw)
       sizes = jaxprune.compressed_size_report(
-          jaxprune.export_compressed(params, fmt=fmt, **kw, **settings(fmt))).total_compressed
-      sq, qs = (losses(compress_params(params, fmt, order=order, **kw, **settings(fmt)))
+          jaxprune.export_compressed(params, fmt=fmt, **kw, **fmt_kw)).total_compressed
+      sq, qs = (losses(compress_params(params, fmt, order=order, **kw, **fmt_kw))
                 for order in ("sq", "qs"))
-      s_loss, q_loss = sparse_only[label], quant_only[fmt]
+      s_loss, q_loss = sparse_only[label], quant_only[variant]
       cells.append({
-          "format": fmt, "bits": quant.get_format(fmt).bits, "sparsity": label,
+          "format": variant, "element_format": fmt, "convention": convention,
+          "bits": quant.get_format(fmt).bits, "sparsity": label,
           "nm": list(kw["nm"]) if "nm" in kw else None, "unstructured": kw.get("sparsity"),
           "total": analysis.total._asdict(),
           "layers": [r._asdict() for r in analysis.rows],
@@ -201,6 +230,7 @@ def evaluate(workdir: pathlib.Path, formats: Sequence[str], sparsities: Sequence
                                                      strict=True) if s),
       "input_rows": int(next(iter(inputs.values())).shape[0]),
       "eval_batches": len(batches), "int_granularity": int_granularity,
+      "int_conventions": list(int_conventions),
       "dense_loss": dense.mean(),
       "loss_s": {k: v.mean() for k, v in sparse_only.items()},
       "loss_q": {k: v.mean() for k, v in quant_only.items()}, "cells": cells,
@@ -285,8 +315,10 @@ def markdown(report: dict[str, Any]) -> str:
       f"compressed. Dense validation loss {report['dense_loss']:.4f} nats/byte over "
       f"{report['eval_batches']} batches; layer inputs: {report['input_rows']} validation "
       f"tokens. int formats: symmetric, one scale per {report['int_granularity']} "
-      "(per output channel: over the input axis); MX: blocks of 32 along the input axis; "
-      "NVFP4: an E4M3 scale per 16 along the input axis and a float32 scale per kernel; "
+      "(per output channel: over the input axis), s = amax / (2^(k-1) - 1) ('(harma)' rows: "
+      "Harma et al.'s s = 2 amax / (2^k - 1), levels -2^(k-1)..2^(k-1)-1); MX: blocks of 32 "
+      "along the input axis; NVFP4: an E4M3 scale per 16 along the input axis and a float32 "
+      "scale per kernel; "
       "N:M groups along the input axis; unstructured: uniform per layer.", "",
       "Errors: relative L2 in % of the weights (eps) and of the layer outputs (out), pooled "
       "over the layers; gap = eps_sq - (eps_s + eps_q). Loss: validation loss (nats/byte) with "
@@ -318,7 +350,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def run(workdir: str | None, *, out: str = "", recipe: str = "dense", preset: str = "",
         formats: Sequence[str], sparsities: Sequence[str], int_granularity: str = "channel",
-        eval_batches: int = 0) -> dict[str, Any]:
+        eval_batches: int = 0, int_conventions: Sequence[str] = ("absmax",)) -> dict[str, Any]:
   """Trains if needed, evaluates, prints the markdown and writes ``out`` (+ ``.json``)."""
   start = time.perf_counter()
   workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="compress_report_"))
@@ -327,7 +359,7 @@ def run(workdir: str | None, *, out: str = "", recipe: str = "dense", preset: st
           file=sys.stderr)
     train.train(train.load_recipe(recipe, preset), workdir)
   report = evaluate(workdir, formats, sparsities, int_granularity=int_granularity,
-                    eval_batches=eval_batches)
+                    eval_batches=eval_batches, int_conventions=int_conventions)
   report["findings"] = findings(report)
   report["wall_time_s"] = time.perf_counter() - start
   text = markdown(report)
@@ -349,7 +381,8 @@ def main(argv) -> None:
   try:
     run(argv[1] if len(argv) > 1 else None, out=_OUT.value, recipe=_RECIPE.value,
         preset=_PRESET.value, formats=_FORMATS.value, sparsities=_SPARSITIES.value,
-        int_granularity=_INT_GRANULARITY.value, eval_batches=_EVAL_BATCHES.value)
+        int_granularity=_INT_GRANULARITY.value, eval_batches=_EVAL_BATCHES.value,
+        int_conventions=_INT_CONVENTIONS.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
 

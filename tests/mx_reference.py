@@ -6,7 +6,9 @@ Ports ``_get_format_params`` (mx/formats.py), ``_round_mantissa``,
 (mx/mx_ops.py) of github.com/microsoft/microxcaling, for the non-CUDA path,
 statement by statement, with ``torch`` replaced by ``numpy`` on float32 arrays
 (NumPy keeps subnormals, like PyTorch on CPU). Only what ``_quantize_mx`` uses
-is ported. ``torch.sign(-0.0)`` is ``+0.0`` like ``np.sign``; ``np.log2`` on
+is ported: of ``_round_mantissa``'s modes, ``'even'`` and ``'nearest'``
+(microxcaling's default, ``sign(A) floor(|A| + 0.5)``), not ``'floor'`` or
+``'dither'``. ``torch.sign(-0.0)`` is ``+0.0`` like ``np.sign``; ``np.log2`` on
 float32 stands in for ``torch.log2``.
 
 This file deliberately follows the reference rather than ``jaxprune.quant``.

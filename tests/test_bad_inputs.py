@@ -121,6 +121,17 @@ TABLE = [
      r"`block_size` must be 16 or None, got 32"),
     ("NVFP4 QAT on a kernel whose axis 16 does not divide", lambda: jaxprune.quantization(
         ADAM, "nvfp4", select=BOTH), "init", r"a/kernel: `block_size`=16 must divide the size 8"),
+    ("unknown rounding", lambda: quant.quantize(jnp.ones(4), "int8", round="up"),
+     "construction", r"`round` must be one of \('even', 'nearest'\), got 'up'"),
+    ("unknown quantizer convention", lambda: quant.quantize(
+        jnp.ones(4), "int8", convention="gptq"), "construction",
+     r"`convention` must be one of \('absmax', 'harma'\), got 'gptq'"),
+    ("Harma's convention on an MX format", lambda: quant.quantize(
+        jnp.ones(32), "mxfp4_e2m1", convention="harma"), "construction",
+     r"`convention`='harma'.*int format"),
+    ("nearest rounding with NVFP4", lambda: quant.quantize(
+        jnp.ones(16), "nvfp4", round="nearest"), "construction",
+     r"`round`='nearest' is not defined for NVFP4"),
     ("config.sparsity 1.5", lambda: train_config.check_config(_config(sparsity=1.5)),
      "construction", r"`config.sparsity` must be a number in \[0, 1\), got 1.5"),
     ("config one_shot_fraction 1.5", lambda: train_config.check_config(

@@ -108,3 +108,21 @@ def test_compress_params_is_the_export(script, run):
   assert jaxprune.leaf_paths(sq) == jaxprune.leaf_paths(exported)
   for a, b in zip(jax.tree.leaves(sq), jax.tree.leaves(exported), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_harma_rows(script, run):
+  # --int_conventions=absmax,harma: a second row per int format with Harma et al.'s quantizer,
+  # whose finer step (2 amax / 15 against amax / 7) gives the smaller int4 error, at equal size.
+  _, _, workdir = run
+  report = script.evaluate(workdir, ["int4", "mxfp4_e2m1"], ["2:4"], eval_batches=2,
+                           int_conventions=["absmax", "harma"])
+  cells = {c["format"]: c for c in report["cells"]}
+  assert list(cells) == ["int4", "int4 (harma)", "mxfp4_e2m1"]
+  ours, harma = cells["int4"], cells["int4 (harma)"]
+  assert (harma["element_format"], harma["convention"]) == ("int4", "harma")
+  assert harma["total"]["eps_q"] < ours["total"]["eps_q"]
+  assert harma["stored_bytes"] == ours["stored_bytes"]
+  report["findings"] = script.findings(report)
+  assert "| int4 (harma) | 2:4 |" in script.markdown(report)
+  with pytest.raises(ValueError, match="`int_conventions`"):
+    script.variants(["int4"], ["gptq"])
