@@ -95,7 +95,7 @@ def test_nm_pruning_defaults_on_every_framework(name):
 
 @pytest.mark.parametrize("method, name", [
     ("sr_ste", "eqx_cnn"), ("ste", "linen_attention"), ("step_adam", "eqx_mlp"),
-    ("quantization", "eqx_mlp"),
+    pytest.param("quantization", "eqx_mlp", marks=pytest.mark.slow),  # 10 s; QAT has its own
 ])
 def test_nm_methods_defaults(method, name):
   make = {

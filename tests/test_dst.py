@@ -457,6 +457,7 @@ def test_random_pruning_static_exact_count_and_held(sparsity, seed, shape):
     np.testing.assert_array_equal(mask, first)
 
 
+@pytest.mark.slow
 def test_random_pruning_seeds_nm_and_gradual_nesting():
   params = {"k": jnp.ones((16, 16))}
   masks = [jaxprune.random_pruning(optax.sgd(0.0), 0.5, seed=s).update(

@@ -476,7 +476,7 @@ def bf16_transform(fmt):
   return tx, jax.jit(tx.update), structure, granularity
 
 
-@pytest.mark.parametrize("fmt", quick_sample(BF16_CONFIGS, 2))
+@pytest.mark.parametrize("fmt", quick_sample(BF16_CONFIGS, 1))
 def test_bfloat16_params_stay_on_the_grid(fmt):
   """Holds whether the master weights are bfloat16 (like the params) or float32."""
   tx, update, structure, granularity = bf16_transform(fmt)
