@@ -198,6 +198,13 @@ def _product_hi_lo(q: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return qh * bh + (mid >> 12) + (lo >> 24), lo & 0xFFFFFF
 
 
+def _operands(a, b) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(a, b, bits(a), bits(b))`` as float32, ``b`` broadcast to ``a``'s shape."""
+  b = jnp.broadcast_to(b, jnp.shape(a)).astype(jnp.float32)
+  a = jnp.asarray(a, jnp.float32)
+  return a, b, bits(a), bits(b)
+
+
 def divide(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a / b`` correctly rounded (to nearest even), the same bits on every backend.
 
@@ -211,12 +218,9 @@ def divide(a: jax.Array, b: jax.Array) -> jax.Array:
   exact. ``b`` broadcasts to ``a``'s shape. Zero, infinite or NaN operands fall
   back to the backend's division (their results are exact anyway: 0, inf or NaN).
   """
-  b = jnp.broadcast_to(b, jnp.shape(a)).astype(jnp.float32)
-  a = jnp.asarray(a, jnp.float32)
-  ba, bb = bits(a), bits(b)
+  a, b, ba, bb = _operands(a, b)
   mag_a, mag_b = ba & MAG, bb & MAG
-  big_a, fa = _normalized(mag_a)
-  big_b, fb = _normalized(mag_b)
+  (big_a, fa), (big_b, fb) = _normalized(mag_a), _normalized(mag_b)
   less = (big_a < big_b).astype(jnp.int32)
   num = big_a << less  # A 2^K = num 2^24
   ratio = num.astype(jnp.float32) / big_b.astype(jnp.float32)  # in [1, 2), a few ulps off
@@ -243,12 +247,9 @@ def multiply(a: jax.Array, b: jax.Array) -> jax.Array:
   ``b`` broadcasts to ``a``'s shape. Zero, infinite or NaN operands fall back to the
   backend's product (exact: 0, inf or NaN).
   """
-  b = jnp.broadcast_to(b, jnp.shape(a)).astype(jnp.float32)
-  a = jnp.asarray(a, jnp.float32)
-  ba, bb = bits(a), bits(b)
+  a, b, ba, bb = _operands(a, b)
   mag_a, mag_b = ba & MAG, bb & MAG
-  big_a, fa = _normalized(mag_a)
-  big_b, fb = _normalized(mag_b)
+  (big_a, fa), (big_b, fb) = _normalized(mag_a), _normalized(mag_b)
   hi, lo = _product_hi_lo(big_a, big_b)  # A B = hi 2^24 + lo, hi in [2^22, 2^24)
   top = (hi << 3) | (lo >> 21)
   out = bits(compose(top, fa + fb + 21, sticky=(lo & 0x1FFFFF) != 0))
