@@ -145,7 +145,8 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
 
   .. math::  r_i = \\#\\{j : s_j > s_i\\} + \\#\\{j < i : s_j = s_i\\},
 
-  and it is kept iff ``r_i < n``: ``m`` fused comparisons, no sort.
+  and it is kept iff ``r_i < n``: each pair of a group compared once (``m (m - 1) / 2``
+  fused comparisons; ``m`` per element above ``m = 16``), no sort.
 
   Args:
     scores: array of scores (e.g. ``|w|``); any float dtype.
@@ -162,12 +163,20 @@ def nm_mask(scores: Array, n: int, m: int, *, axis: int) -> Array:
   return _nm_mask(scores, n, m, axis)
 
 
+# Up to this group size the ranks come from the m (m - 1) / 2 pairs of a group (each compared
+# once, the lower index winning ties); above it, from m comparisons of whole arrays, which
+# keeps the traced program small.
+_PAIRWISE_MAX_M = 16
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _nm_mask(scores: Array, n: int, m: int, axis: int) -> Array:
   s = select_k.compare_key(scores)
   shape = s.shape
   groups = s.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
   gaxis = axis + 1
+  if m <= _PAIRWISE_MAX_M:
+    return _pairwise_ranks_below(groups, n, m, gaxis).reshape(shape)
   index = lax.broadcasted_iota(jnp.int32, groups.shape, gaxis)
   rank = jnp.zeros(groups.shape, jnp.int32)
   for j in range(m):
@@ -175,6 +184,20 @@ def _nm_mask(scores: Array, n: int, m: int, axis: int) -> Array:
     beats = (s_j > groups) | ((s_j == groups) & (index > j))
     rank = rank + beats.astype(jnp.int32)
   return (rank < n).reshape(shape)
+
+
+def _pairwise_ranks_below(groups: Array, n: int, m: int, gaxis: int) -> Array:
+  """``r_i < n`` for the keys ``groups`` (groups of ``m`` along ``gaxis``): each pair
+  ``i < j`` is compared once, ``s_i >= s_j`` (``i`` beats ``j``, the lower index winning
+  a tie) or else ``j`` beats ``i``; about half the work of comparing every pair twice."""
+  keys = [lax.index_in_dim(groups, j, gaxis, keepdims=False) for j in range(m)]
+  rank = [jnp.zeros(keys[0].shape, jnp.int32) for _ in range(m)]
+  for i in range(m):
+    for j in range(i + 1, m):
+      i_wins = keys[i] >= keys[j]
+      rank[j] = rank[j] + i_wins.astype(jnp.int32)
+      rank[i] = rank[i] + (~i_wins).astype(jnp.int32)
+  return jnp.stack([r < n for r in rank], axis=gaxis)
 
 
 # ----------------------------------------------------------------------------

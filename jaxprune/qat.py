@@ -161,12 +161,6 @@ def _owns_sparsity(inner_state) -> bool:
              for x in jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, kinds)))
 
 
-def _owns_sparsity(inner_state) -> bool:
-  kinds = (pruning.PruningState, MasterWeightsState)
-  return any(isinstance(x, kinds)
-             for x in jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, kinds)))
-
-
 def _leaf_spec(settings: _Settings, selection, leaf) -> quant.Spec:
   """The ``quantize`` settings of one selected leaf; raises naming the leaf."""
   leaf_axis = leaf.axis

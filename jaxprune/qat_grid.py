@@ -152,10 +152,45 @@ def _fast_snapped(g: jax.Array, amax: jax.Array, fmt: quant.Format, bits: int) -
   ``g``) is 0 or at least ``2^-60``."""
   mag = qb.bits(g) & qb.MAG
   top, s = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), fmt.max_normal, bits)
-  x = jnp.where(mag == amax, top, jnp.minimum(qb.from_bits(mag), top))
+  # The largest entry maps onto max_normal s exactly; an all-zero group (amax 0) stays 0.
+  x = jnp.where((mag == amax) & (amax != 0), top, jnp.minimum(qb.from_bits(mag), top))
   v = _grid_code(x, s, fmt) * s  # exact: at most 22 significant bits, normal
   # g's sign where v != 0; +0.0 elsewhere.
   return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
+
+
+def _fast_amax(g: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
+  """``(fast_ok, amax)``: whether every group of ``g`` (along ``axis``) is finite with a largest
+  magnitude 0 or at least ``2^-60``, and the bits of that magnitude per group.
+
+  Usually from a float max of ``|g|`` (about twice as fast on CPU as an integer max):
+  where every group's max is a finite float ``>= 2^-60`` it is exact whatever the
+  backend does with subnormals (they are below it, flushed or not), and its bits are the
+  integer max of the magnitudes' bits. Otherwise (a NaN, an infinity, a zero or tiny
+  group) the integer max of the bits decides.
+  """
+  amax = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
+  normal = jnp.all((amax >= np.float32(2.0**-60)) & (amax < np.float32(np.inf)))
+
+  def from_bits(g, amax):
+    del amax
+    bits = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
+    return jnp.all((bits < qb.INF_BITS) & ((bits == 0) | (bits >= _FAST_MIN_AMAX))), bits
+
+  return jax.lax.cond(normal, lambda g, amax: (jnp.bool_(True), qb.bits(amax)), from_bits,
+                      g, amax)
+
+
+def general_grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
+  """:func:`grid_quantize` through ``quantize``'s general path (any input, slower)."""
+  if bits is not None and x.dtype == jnp.float32 and spec.fmt.kind == "nvfp4":
+    # The per-tensor scale s_t = amax / TENSOR_MAX, snapped like an int scale.
+    x = _snapped_top(x.reshape(1, -1), quant_nvfp4.TENSOR_MAX, bits).reshape(x.shape)
+  elif bits is not None and x.dtype == jnp.float32:
+    x = quant.grouped(
+        functools.partial(_snapped_top, max_normal=spec.fmt.max_normal, bits=bits), x, spec)
+  return plus_zero(quant.quantize(x, spec.fmt, axis=spec.axis, block_size=spec.block_size or None,
+                                   granularity=spec.granularity))
 
 
 def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
@@ -166,28 +201,16 @@ def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   float32 int and FP8 tensors whose groups are finite with ``amax`` 0 or at least
   ``2^-60``, the same bits come from :func:`_grid_code` (a fraction of
   ``quantize``'s work; QAT computes this every step); other tensors take
-  ``quantize``'s general path.
+  ``quantize``'s general path (:func:`general_grid_quantize`).
   """
-  def general(x):
-    if bits is not None and x.dtype == jnp.float32 and spec.fmt.kind == "nvfp4":
-      # The per-tensor scale s_t = amax / TENSOR_MAX, snapped like an int scale.
-      x = _snapped_top(x.reshape(1, -1), quant_nvfp4.TENSOR_MAX, bits).reshape(x.shape)
-    elif bits is not None and x.dtype == jnp.float32:
-      x = quant.grouped(
-          functools.partial(_snapped_top, max_normal=spec.fmt.max_normal, bits=bits), x, spec)
-    return plus_zero(quant.quantize(x, spec.fmt, axis=spec.axis,
-                                     block_size=spec.block_size or None,
-                                     granularity=spec.granularity))
-
   if bits is None or x.dtype != jnp.float32 or x.size == 0 or spec.fmt.kind == "nvfp4":
-    return general(x)
+    return general_grid_quantize(x, spec, bits)
   g, axis = quant.group_axes(x, spec)
-  amax = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
-  fast_ok = jnp.all((amax < qb.INF_BITS) & ((amax == 0) | (amax >= _FAST_MIN_AMAX)))
+  fast_ok, amax = _fast_amax(g, axis)
   # Computed inside the branches, so that the result is written once.
   return jax.lax.cond(
       fast_ok, lambda g, amax: _fast_snapped(g, amax, spec.fmt, bits).reshape(x.shape),
-      lambda g, amax: general(g.reshape(x.shape)), g, amax)
+      lambda g, amax: general_grid_quantize(g.reshape(x.shape), spec, bits), g, amax)
 
 
 def snapped_quantize(

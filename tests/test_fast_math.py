@@ -27,7 +27,7 @@ SUBSET = " or ".join([
     "fp8_matches_ml_dtypes", "int_fp8_invariants", "int_fp8_subnormal", "int8_per_channel",
     "fp8_ties", "int_asymmetric_invariants", "mx_matches_microxcaling", "nvfp4",
     "mx_rounding", "round_nearest", "harma", "export_round_trip", "invariants_after_every_step",
-    "collapse", "closed_form",
+    "collapse", "closed_form", "fast_amax",
 ])
 
 

@@ -159,6 +159,35 @@ def test_snapped_quantize_fast_path_is_the_general_path(fmt, granularity):
     np.testing.assert_array_equal(bits(fast), bits(general * np.float32(2.0**70)))
 
 
+@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fast_amax_routing_matches_general_path(fmt, granularity):
+  """The float max of |g| that picks the fast path (``qat_grid._fast_amax``) hands every tensor
+  with a zero, subnormal, tiny (< 2^-60), infinite or NaN group to the integer check, and the
+  result is the general path's, bit for bit, whether or not the backend flushes subnormals."""
+  from jaxprune import qat_grid
+  rng = np.random.default_rng(3)
+  base = rng.standard_normal((16, 8)).astype(np.float32)
+  specials = {"zero": 0.0, "subnormal": 1e-40, "tiny": 2.0**-80, "inf": np.inf, "nan": np.nan}
+  spec = quant.make_spec(fmt, base.shape, jnp.float32, 0, None, granularity, True)
+  quantize = jax.jit(functools.partial(qat_grid.grid_quantize, spec=spec,
+                                       bits=qat.scale_bits(fmt)))
+  general = jax.jit(functools.partial(qat_grid.general_grid_quantize, spec=spec,
+                                      bits=qat.scale_bits(fmt)))
+  for name, value in specials.items():
+    x = base.copy()
+    x[:, 3] = value * np.sign(base[:, 3])  # one channel (the whole tensor's max for inf/nan)
+    x[0, 5] = np.float32(value)            # and one entry of another
+    ok, amax = qat_grid._fast_amax(jnp.asarray(x), None if granularity == "tensor" else 0)
+    int_amax = np.max(np.abs(x).view(np.int32) & 0x7FFFFFFF, axis=None if granularity ==
+                      "tensor" else 0, keepdims=True)
+    fast = (int_amax < 0x7F800000) & ((int_amax == 0) | (int_amax >= 0x21800000))  # 2^-60
+    assert bool(ok) == bool(np.all(fast)), name
+    if np.all(fast):
+      np.testing.assert_array_equal(np.asarray(amax), int_amax, err_msg=name)
+    np.testing.assert_array_equal(bits(quantize(x)), bits(general(x)), err_msg=name)
+
+
 def test_closed_form_first_update():
   """A 4x1 kernel, 2:4 + int4, SGD(1/8): every number below is computed by hand."""
   w = jnp.array([[1.75], [-0.5], [0.25], [1.0]])
