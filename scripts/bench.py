@@ -13,7 +13,11 @@ Run: ``python scripts/bench.py`` (add ``--quick`` for a smoke run). Prints
    transformer of ``recipes/``) relative to the dense recipe, in the method's
    sparse phase: GMP inside its ramp (masks every 10 steps), ASP after its
    one-shot mask, STEP after its switch, SET and RigL with connectivity
-   updates every 10 steps (the recipes: every 50). Run from the repository root.
+   updates every 10 steps (the recipes: every 50). Run from the repository root;
+4. the optimizer update alone of quantization-aware training (``jaxprune.quantization``
+   around ``optax.adamw``) as a multiple of ``adamw``'s update on the same two kernels
+   (0.93M weights; see ``scripts/bench_qat.py``), for int4 + 2:4 and the other format
+   families.
 """
 
 from __future__ import annotations
@@ -208,6 +212,7 @@ def wrappers(steps: int):
                                                          coef=0.05),
       # STEP is a whole optimizer; it switches to its N:M phase after step 10.
       "step_adam 2:4 (vs adam)": jaxprune.step_adam(1e-4, 2, 4, t_min=5, t_max=10),
+      "quantization int4 + 2:4 (QAT)": jaxprune.quantization(adam, "int4", nm=(2, 4)),
   }
 
 
@@ -276,10 +281,38 @@ def bench_recipes(steps: int, rounds: int, names: list[str] | None = None) -> No
           f"ratio {ratio:5.3f}")
 
 
+QAT_CASES = {  # name: (format, nm, axis); axis None: the kernel's input axis (0)
+    "int4 + 2:4": ("int4", (2, 4), None),
+    "int4 + 2:4, axis=-1": ("int4", (2, 4), -1),
+    "int8 per tensor": ("int8", None, None),
+    "fp8_e4m3 per tensor": ("fp8_e4m3", None, None),
+    "mxfp4_e2m1 + 2:4, axis=-1": ("mxfp4_e2m1", (2, 4), -1),
+    "nvfp4 + 2:4, axis=-1": ("nvfp4", (2, 4), -1),
+}
+
+
+def bench_qat_updates(rounds: int, repeats: int) -> None:
+  import bench_qat  # scripts/, beside this file
+
+  params = bench_qat._params(jnp.float32)
+  names = ["adamw", *QAT_CASES]
+  txs = [optax.adamw(1e-3)] + [jaxprune.quantization(optax.adamw(1e-3), fmt, nm=nm, axis=axis)
+                               for fmt, nm, axis in QAT_CASES.values()]
+  print(f"\n== QAT optimizer update on {device_line()}")
+  print(f"   jitted tx.update alone, {sum(p.size for p in jax.tree.leaves(params)):,} float32 "
+        f"weights; median over {rounds} rounds (alternating) of the median of {repeats}")
+  results = bench_qat.interleaved_ms([bench_qat.compiled_update(tx, params) for tx in txs],
+                                     rounds, repeats)
+  base_rounds = results[0][1]
+  for name, (ms, per_round) in zip(names, results, strict=True):
+    ratio = sorted(r / b for r, b in zip(per_round, base_rounds, strict=True))[rounds // 2]
+    print(f"{name:<32} update {ms:7.3f} ms  ratio to adamw {ratio:5.2f}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
-  parser.add_argument("--only", choices=("masks", "wrappers", "recipes"),
+  parser.add_argument("--only", choices=("masks", "wrappers", "recipes", "qat"),
                       help="run one section")
   parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
   parser.add_argument("--methods", default=",".join(select_k.METHODS),
@@ -302,6 +335,8 @@ def main() -> None:
   if args.only in (None, "recipes"):
     bench_recipes(steps=5 if args.quick else 40, rounds=1 if args.quick else 3,
                   names=args.recipes.split(",") if args.recipes else None)
+  if args.only in (None, "qat"):
+    bench_qat_updates(rounds=3 if args.quick else 7, repeats=5 if args.quick else 15)
 
 
 if __name__ == "__main__":
