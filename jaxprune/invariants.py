@@ -109,7 +109,7 @@ def host_value(x) -> Any:
   if x is None:
     return None
   if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) and hasattr(x, "value"):
-    x = x.value
+    x = x.get_value() if hasattr(x, "get_value") else x.value  # `.value` is deprecated in nnx
   return np.asarray(jax.device_get(x))
 
 
