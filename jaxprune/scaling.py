@@ -25,6 +25,7 @@ data (columns ``N``, ``D``, ``loss`` and anything else, e.g. ``sparsity``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -255,6 +256,22 @@ def _summary(fit, names: Sequence[str]) -> dict[str, float]:
   return out
 
 
+def _log_coefficient(fit, model: huber_fit.LogSumExpModel, name: str) -> np.ndarray:
+  """``log`` of a log-parametrised coefficient: ``log(value)`` while the value is a finite
+  positive float, else the fitted log itself (``fit.theta``), which a degenerate fit can take
+  past float64's range (``exp`` overflows to inf) while its predictions stay finite."""
+  value = np.float64(getattr(fit, name))
+  if (not np.isfinite(value) or value <= 0) and fit.theta is not None:
+    return np.float64(fit.theta[model.names.index(name)])
+  with np.errstate(divide="ignore"):
+    return np.log(value)
+
+
+def _exp_sum(log_terms) -> np.ndarray:
+  """``sum_k exp(log_terms[k])`` without overflow in the intermediate terms."""
+  return np.exp(functools.reduce(np.logaddexp, log_terms))
+
+
 class ScalingFit(NamedTuple):
   """A fitted Chinchilla law L = E + A / N^alpha + B / D^beta.
 
@@ -262,6 +279,10 @@ class ScalingFit(NamedTuple):
   (None without bootstrap); ``samples`` holds the bootstrap fits.
   ``residuals`` are log L-hat - log L on the fitted points, ``rmse_log`` their
   root mean square and ``objective`` the summed Huber loss at the optimum.
+  ``theta`` is the optimum as fitted, ``(log A, log B, log E, alpha, beta)``:
+  predictions are computed in log space from it where a coefficient overflowed
+  (a degenerate fit, e.g. ``B = inf`` with ``beta = 170``), and from the fields
+  otherwise (so that ``_replace`` of a field changes the predictions).
   """
 
   E: float
@@ -274,17 +295,23 @@ class ScalingFit(NamedTuple):
   rmse_log: float
   objective: float
   samples: dict[str, np.ndarray] | None = None
+  theta: np.ndarray | None = None
+
+  def _log_terms(self, N, D) -> dict[str, np.ndarray]:
+    log_n, log_d = np.log(np.asarray(N, np.float64)), np.log(np.asarray(D, np.float64))
+    shape = np.broadcast_shapes(log_n.shape, log_d.shape)
+    log = functools.partial(_log_coefficient, self, CHINCHILLA)
+    return {"A / N^alpha": np.broadcast_to(log("A") - self.alpha * log_n, shape),
+            "B / D^beta": np.broadcast_to(log("B") - self.beta * log_d, shape),
+            "E": np.full(shape, log("E"))}
 
   def predict(self, N, D) -> np.ndarray:
-    """E + A / N^alpha + B / D^beta."""
-    N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
-    return self.E + self.A / N**self.alpha + self.B / D**self.beta
+    """E + A / N^alpha + B / D^beta, summed in log space."""
+    return _exp_sum(list(self._log_terms(N, D).values()))
 
   def terms(self, N, D) -> dict[str, np.ndarray]:
     """The three terms of the law, by name, at each point."""
-    N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
-    return {"A / N^alpha": self.A / N**self.alpha, "B / D^beta": self.B / D**self.beta,
-            "E": np.full(np.broadcast_shapes(N.shape, D.shape), self.E)}
+    return {k: np.exp(v) for k, v in self._log_terms(N, D).items()}
 
   def as_dict(self) -> dict[str, float]:
     """Parameters, interval bounds (``A_lo``, ``A_hi``, ...), objective, rmse_log, num_points."""
@@ -292,7 +319,8 @@ class ScalingFit(NamedTuple):
 
 
 class SparseScalingFit(NamedTuple):
-  """A fitted sparse law L = (a (1 - S)^b + c) N^-d + e D^-f + g; fields as :class:`ScalingFit`."""
+  """A fitted sparse law L = (a (1 - S)^b + c) N^-d + e D^-f + g; fields as :class:`ScalingFit`
+  (``theta``: ``(log a, b, log c, d, log e, f, log g)``)."""
 
   a: float
   b: float
@@ -306,18 +334,27 @@ class SparseScalingFit(NamedTuple):
   rmse_log: float
   objective: float
   samples: dict[str, np.ndarray] | None = None
+  theta: np.ndarray | None = None
+
+  def _log_terms(self, S, N, D) -> dict[str, np.ndarray]:
+    S, N, D = (np.asarray(x, np.float64) for x in (S, N, D))
+    shape = np.broadcast_shapes(S.shape, N.shape, D.shape)
+    log = functools.partial(_log_coefficient, self, SPARSE)
+    with np.errstate(divide="ignore"):
+      log_density = np.log1p(-S)
+    size = -self.d * np.log(N)
+    return {"a (1 - S)^b / N^d": np.broadcast_to(log("a") + self.b * log_density + size, shape),
+            "c / N^d": np.broadcast_to(log("c") + size, shape),
+            "e / D^f": np.broadcast_to(log("e") - self.f * np.log(D), shape),
+            "g": np.full(shape, log("g"))}
 
   def predict(self, S, N, D) -> np.ndarray:
-    """(a (1 - S)^b + c) N^-d + e D^-f + g."""
-    S, N, D = (np.asarray(x, np.float64) for x in (S, N, D))
-    return (self.a * (1.0 - S) ** self.b + self.c) / N**self.d + self.e / D**self.f + self.g
+    """(a (1 - S)^b + c) N^-d + e D^-f + g, summed in log space."""
+    return _exp_sum(list(self._log_terms(S, N, D).values()))
 
   def terms(self, S, N, D) -> dict[str, np.ndarray]:
     """The four terms of the law, by name, at each point."""
-    S, N, D = (np.asarray(x, np.float64) for x in (S, N, D))
-    return {"a (1 - S)^b / N^d": self.a * (1.0 - S) ** self.b / N**self.d,
-            "c / N^d": self.c / N**self.d, "e / D^f": self.e / D**self.f,
-            "g": np.full(np.broadcast_shapes(S.shape, N.shape, D.shape), self.g)}
+    return {k: np.exp(v) for k, v in self._log_terms(S, N, D).items()}
 
   def as_dict(self) -> dict[str, float]:
     """Parameters, interval bounds (``a_lo``, ``a_hi``, ...), objective, rmse_log, num_points."""
@@ -459,6 +496,7 @@ def _fit_model(
       rmse_log=float(np.sqrt(np.mean(residuals**2))),
       objective=sol.objective,
       samples=samples,
+      theta=np.asarray(sol.theta, np.float64),
   )
 
 

@@ -363,3 +363,36 @@ def test_degenerate_fit_of_a_law_without_irreducible_loss():
   fit = scaling.fit(N, D, loss)
   assert fit.E < 1e-4 and fit.rmse_log < 1e-6  # E -> 0: 1e-6 on jax 0.12, 6e-15 on 0.10
   assert scaling.degeneracies(fit, N, D)[0].startswith("term E at its bound 0")
+
+
+def test_predictions_of_an_overflowed_fit_are_computed_in_log_space():
+  """A degenerate fit can take log B past float64's range (B = exp(2000) = inf, beta = 170; a
+  leave-one-size-out refit of the quick sweep did); B / D^beta = exp(2000 - 170 log D) is still
+  finite, and predict and terms give it instead of inf / inf = NaN."""
+  D = np.array([1.0e5, 1.286e5, 2.0e5])
+  N = np.array([3e4, 3e4, 5e4])
+  theta = np.array([math.log(482.0), 2000.0, math.log(1.82), 0.348, 170.0])
+  fit = _chinchilla_fit(B=math.inf, beta=170.0)._replace(theta=theta)
+  want = [1.82 + 482.0 / n**0.348 + math.exp(2000.0 - 170.0 * math.log(d))
+          for n, d in zip(N, D, strict=True)]
+  np.testing.assert_allclose(fit.predict(N, D), want, rtol=1e-12)
+  np.testing.assert_allclose(fit.terms(N, D)["B / D^beta"],
+                             [math.exp(2000.0 - 170.0 * math.log(d)) for d in D], rtol=1e-12)
+  # Finite fields are the source of truth (theta is only used where a field overflowed).
+  np.testing.assert_allclose(fit._replace(A=1.0).predict(N, D), np.array(want) - np.array(
+      [482.0 / n**0.348 - 1.0 / n**0.348 for n in N]), rtol=1e-12)
+  sparse = scaling.SparseScalingFit(**{**SPARSE_TRUE, "e": math.inf, "f": 170.0}, intervals=None,
+                                    residuals=np.zeros(1), rmse_log=0.0, objective=0.0,
+                                    theta=np.array([math.log(300.0), 1.0, math.log(182.0), 0.348,
+                                                    2000.0, 170.0, math.log(1.82)]))
+  S = np.array([0.0, 0.5, 0.9])
+  want = [(300.0 * (1 - s) + 182.0) / n**0.348 + math.exp(2000.0 - 170.0 * math.log(d)) + 1.82
+          for s, n, d in zip(S, N, D, strict=True)]
+  np.testing.assert_allclose(sparse.predict(S, N, D), want, rtol=1e-12)
+
+
+def test_fits_keep_their_optimum():
+  N, D, loss = chinchilla_data(0.0)
+  fit = scaling.fit(N, D, loss)
+  np.testing.assert_allclose(np.exp(fit.theta[:3]), [fit.A, fit.B, fit.E], rtol=1e-12)
+  np.testing.assert_allclose(fit.theta[3:], [fit.alpha, fit.beta])
