@@ -10,6 +10,11 @@ relative ``|s~ - s| / s <= 2^-b``, the largest entry still maps onto
 ``quantize(v) == v`` bit for bit: the params are exactly representable in the
 plain format with the plain format's own scale rule. See :func:`snapped_quantize`.
 
+Every step QAT computes ``Q`` of the master weights, so float32 tensors whose groups
+are finite and not tiny take fast paths that give ``quantize``'s bits with a
+fraction of its integer arithmetic: :func:`_grid_code` (int, FP8) and
+:func:`_fast_mx` (MX); both are exact on every backend, fast math included.
+
 NVFP4: the per-tensor scale ``s_t = amax / 2688`` is rounded to ``b = 14``
 significant bits in the same way (the tensor's largest entry set to ``2688 s~``,
 exact), and the block scales and elements are ``quantize``'s. Plain NVFP4 is not
@@ -41,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import quant, quant_nvfp4
+from jaxprune import quant, quant_blocks, quant_nvfp4
 from jaxprune import quant_bits as qb
 
 NVFP4_SCALE_BITS = 14
@@ -159,9 +164,10 @@ def _fast_snapped(g: jax.Array, amax: jax.Array, fmt: quant.Format, bits: int) -
   return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
 
 
-def _fast_amax(g: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
+def _fast_amax(g: jax.Array, axis: int | None,
+               limit: float = np.inf) -> tuple[jax.Array, jax.Array]:
   """``(fast_ok, amax)``: whether every group of ``g`` (along ``axis``) is finite with a largest
-  magnitude 0 or at least ``2^-60``, and the bits of that magnitude per group.
+  magnitude 0 or in ``[2^-60, limit)``, and the bits of that magnitude per group.
 
   Usually from a float max of ``|g|`` (about twice as fast on CPU as an integer max):
   where every group's max is a finite float ``>= 2^-60`` it is exact whatever the
@@ -170,15 +176,49 @@ def _fast_amax(g: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
   group) the integer max of the bits decides.
   """
   amax = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
-  normal = jnp.all((amax >= np.float32(2.0**-60)) & (amax < np.float32(np.inf)))
+  normal = jnp.all((amax >= np.float32(2.0**-60)) & (amax < np.float32(limit)))
+  limit_bits = int(np.float32(limit).view(np.int32))
 
   def from_bits(g, amax):
     del amax
     bits = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
-    return jnp.all((bits < qb.INF_BITS) & ((bits == 0) | (bits >= _FAST_MIN_AMAX))), bits
+    return jnp.all((bits < limit_bits) & ((bits == 0) | (bits >= _FAST_MIN_AMAX))), bits
 
   return jax.lax.cond(normal, lambda g, amax: (jnp.bool_(True), qb.bits(amax)), from_bits,
                       g, amax)
+
+
+# The MX fast path needs 2^-e normal for every block's scale exponent e: amax < 2^100.
+_MX_FAST_LIMIT = 2.0**100
+# microxcaling's floor(t + 1/2) in float32 also rounds this t up to 1 (see quant_elements).
+_MX_HALF_QUIRK = np.float32(0.5 - 2.0**-25)
+
+
+def _fast_mx(g: jax.Array, amax: jax.Array, fmt: quant.Format) -> jax.Array:
+  """``plus_zero(quantize(g))`` for MX blocks (``round='even'``) whose largest magnitude (bits
+  ``amax``, broadcast onto ``g``) is 0 or in ``[2^-60, 2^100)``.
+
+  The block scale ``2^e`` is :func:`jaxprune.quant_blocks.mx_shared_exponent`'s, so
+  ``e`` is in ``[-68, 100)`` and ``a = |g| 2^-e`` is an exact product (or below
+  ``2^-58``, where every element format rounds it to 0, flushed or not). Clipping ``a``
+  at ``max_normal`` before rounding equals saturating after it (rounding is monotone and
+  ``max_normal`` is on the grid). With ``p = max(floor(log2 a), emin)`` (0 for mxint8),
+  ``t = a 2^(m - p)`` is exact and ``jnp.round`` rounds it half to even without
+  arithmetic; ``t = 1/2 - 2^-25`` goes to 1 as in microxcaling. ``r 2^(p - m) 2^e`` has
+  at most ``m + 1`` significant bits and is normal: every step is exact on every backend.
+  """
+  e = quant_blocks.mx_shared_exponent(jnp.maximum(amax, _FAST_MIN_AMAX), fmt.emax)
+  a = jnp.minimum(jnp.abs(g) * qb.pow2(-e), np.float32(fmt.max_normal))
+  if fmt.ebits:  # 2^(m - p) and 2^(p - m) from the exponent field of a
+    p_bits = jnp.maximum(qb.bits(a) & qb.INF_BITS, (fmt.emin + 127) << 23)
+    up = qb.from_bits((254 << 23) - p_bits + (fmt.mbits << 23))
+    unit = qb.from_bits(p_bits - (fmt.mbits << 23))
+  else:
+    up, unit = np.float32(2.0**fmt.mbits), np.float32(2.0**-fmt.mbits)
+  t = a * up
+  v = jnp.where(t == _MX_HALF_QUIRK, np.float32(1), jnp.round(t)) * unit * qb.pow2(e)
+  # g's sign where v != 0; +0.0 elsewhere.
+  return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
 
 
 def general_grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
@@ -200,17 +240,26 @@ def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   bfloat16 ``x``: ``quantize`` itself (its results are fixed points in bfloat16). For
   float32 int and FP8 tensors whose groups are finite with ``amax`` 0 or at least
   ``2^-60``, the same bits come from :func:`_grid_code` (a fraction of
-  ``quantize``'s work; QAT computes this every step); other tensors take
-  ``quantize``'s general path (:func:`general_grid_quantize`).
+  ``quantize``'s work; QAT computes this every step), and for MX tensors whose blocks
+  also have ``amax < 2^100`` from :func:`_fast_mx`; other tensors take ``quantize``'s
+  general path (:func:`general_grid_quantize`).
   """
-  if bits is None or x.dtype != jnp.float32 or x.size == 0 or spec.fmt.kind == "nvfp4":
+  fmt = spec.fmt
+  mx = fmt.kind == "mx" and spec.round == "even"
+  if x.dtype != jnp.float32 or x.size == 0 or not (bits is not None or mx) or (
+      fmt.kind == "nvfp4"):
     return general_grid_quantize(x, spec, bits)
   g, axis = quant.group_axes(x, spec)
-  fast_ok, amax = _fast_amax(g, axis)
+  if mx:
+    fast_ok, amax = _fast_amax(g, axis, _MX_FAST_LIMIT)
+    fast = lambda g, amax: _fast_mx(g, amax, fmt).reshape(x.shape)  # noqa: E731
+  else:
+    fast_ok, amax = _fast_amax(g, axis)
+    fast = lambda g, amax: _fast_snapped(g, amax, fmt, bits).reshape(x.shape)  # noqa: E731
   # Computed inside the branches, so that the result is written once.
   return jax.lax.cond(
-      fast_ok, lambda g, amax: _fast_snapped(g, amax, spec.fmt, bits).reshape(x.shape),
-      lambda g, amax: general_grid_quantize(g.reshape(x.shape), spec, bits), g, amax)
+      fast_ok, fast, lambda g, amax: general_grid_quantize(g.reshape(x.shape), spec, bits),
+      g, amax)
 
 
 def snapped_quantize(

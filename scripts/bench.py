@@ -287,6 +287,7 @@ QAT_CASES = {  # name: (format, nm, axis); axis None: the kernel's input axis (0
     "int8 per tensor": ("int8", None, None),
     "fp8_e4m3 per tensor": ("fp8_e4m3", None, None),
     "mxfp4_e2m1 + 2:4, axis=-1": ("mxfp4_e2m1", (2, 4), -1),
+    "mxfp8_e4m3, axis=-1": ("mxfp8_e4m3", None, -1),
     "nvfp4 + 2:4, axis=-1": ("nvfp4", (2, 4), -1),
 }
 

@@ -5,9 +5,9 @@ and flush subnormals; with these flags XLA:CPU does the same (and reassociates),
 so this is the CPU stand-in for an accelerator run: every result that promises
 exact bits must survive it. The subset (``-k`` below) is the tests that compare
 bits with an oracle (ml_dtypes casts, the microxcaling and Harma et al. ports, n * s, the
-compressed export's decoder, QAT's representability after every step and its
-hand-computed first update), so that it stays near a minute on two cores; the
-hypothesis-driven ones among them cover every int, FP8, MX and NVFP4 format.
+compressed export's decoder, QAT's representability after every step, its hand-computed
+first update and its fast grids against the general path), so that it stays near a minute
+on two cores; the hypothesis-driven ones among them cover every int, FP8, MX and NVFP4 format.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import pytest
 FAST_MATH = "--xla_cpu_enable_fast_math=true --xla_cpu_fast_math_honor_division=false"
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["tests/test_quant.py", "tests/test_nvfp4.py", "tests/test_quant_conventions.py",
-         "tests/test_compress.py", "tests/test_qat.py"]
+         "tests/test_compress.py", "tests/test_qat.py", "tests/test_qat_grid.py"]
 SUBSET = " or ".join([
     "fp8_matches_ml_dtypes", "int_fp8_invariants", "int_fp8_subnormal", "int8_per_channel",
     "fp8_ties", "int_asymmetric_invariants", "mx_matches_microxcaling", "nvfp4",
     "mx_rounding", "round_nearest", "harma", "export_round_trip", "invariants_after_every_step",
-    "collapse", "closed_form", "fast_amax",
+    "collapse", "closed_form", "fast_amax", "mx_fast",
 ])
 
 
