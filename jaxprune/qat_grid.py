@@ -12,8 +12,8 @@ plain format with the plain format's own scale rule. See :func:`snapped_quantize
 
 Every step QAT computes ``Q`` of the master weights, so float32 tensors whose groups
 are finite and not tiny take fast paths that give ``quantize``'s bits with a
-fraction of its integer arithmetic: :func:`_grid_code` (int, FP8) and
-:func:`_fast_mx` (MX); both are exact on every backend, fast math included.
+fraction of its integer arithmetic: :func:`_grid_code` (int, FP8),
+:func:`_fast_mx` (MX) and :func:`_fast_nvfp4`; both are exact on every backend, fast math included.
 
 NVFP4: the per-tensor scale ``s_t = amax / 2688`` is rounded to ``b = 14``
 significant bits in the same way (the tensor's largest entry set to ``2688 s~``,
@@ -188,8 +188,9 @@ def _fast_amax(g: jax.Array, axis: int | None,
                       g, amax)
 
 
-# The MX fast path needs 2^-e normal for every block's scale exponent e: amax < 2^100.
-_MX_FAST_LIMIT = 2.0**100
+# The MX fast path needs 2^-e normal for every block's scale exponent e, and NVFP4's its
+# snapped per-tensor scale far from overflow: amax < 2^100.
+_FAST_LIMIT = 2.0**100
 # microxcaling's floor(t + 1/2) in float32 also rounds this t up to 1 (see quant_elements).
 _MX_HALF_QUIRK = np.float32(0.5 - 2.0**-25)
 
@@ -221,6 +222,35 @@ def _fast_mx(g: jax.Array, amax: jax.Array, fmt: quant.Format) -> jax.Array:
   return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
 
 
+def _fast_nvfp4(g: jax.Array, axis: int, amax: jax.Array, bits: int) -> jax.Array:
+  """``general_grid_quantize`` of an NVFP4 tensor laid out as blocks along ``axis`` of ``g``,
+  finite with a largest magnitude (bits ``amax``) 0 or in ``[2^-60, 2^100)``.
+
+  As :func:`_snapped_top` and :func:`jaxprune.quant_nvfp4.nvfp4` with two float
+  products in place of integer ones: ``fl(|x| r)`` (``r = fl(fl(1 / s_t) / s_b)``, per
+  block) is one IEEE product of normal numbers, or below ``2^-48`` where E2M1 rounds
+  it to 0 either way (``s_t >= 2^-72``, ``s_b >= 2^-6``, so ``r <= 2^78``); the E2M1
+  rounding is the exact ``jnp.round`` of ``t = a 2^(1 - p)``, ``p = max(floor(log2 a), 0)``
+  (``a <= 6.375`` as ``s_b`` rounds down by at most half an E4M3 step, so nothing rounds
+  past 6; the clip at 6 is there to keep XLA from reassociating the two products);
+  ``c s_b s_t`` has at most 20 significant bits (``s_t = s~`` has 14) and is normal, so
+  it is exact in any order (torchao's ``fl(c fl(s_b s_t))`` is the same number).
+  """
+  amax = amax.reshape(())
+  top, s_t = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), quant_nvfp4.TENSOR_MAX, bits)
+  mag = qb.bits(g) & qb.MAG
+  x = jnp.where((mag == amax) & (amax != 0), top, jnp.minimum(qb.from_bits(mag), top))
+  # Subnormal block maxima (flushed or not) give the smallest block scale either way.
+  s_b = quant_nvfp4.block_scales(qb.bits(jnp.max(x, axis=axis, keepdims=True)), s_t)
+  r = qb.divide(jnp.broadcast_to(qb.divide(1.0, s_t), s_b.shape), s_b)
+  a = jnp.minimum(x * r, np.float32(quant_nvfp4.E2M1.max_normal))
+  p_bits = jnp.maximum(qb.bits(a) & qb.INF_BITS, 127 << 23)  # p = max(floor(log2 a), 0)
+  t = a * qb.from_bits((255 << 23) - p_bits)  # a 2^(1 - p)
+  v = jnp.round(t) * qb.from_bits(p_bits - (1 << 23)) * (s_b * s_t)  # exact products
+  # g's sign where v != 0; +0.0 elsewhere.
+  return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
+
+
 def general_grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   """:func:`grid_quantize` through ``quantize``'s general path (any input, slower)."""
   if bits is not None and x.dtype == jnp.float32 and spec.fmt.kind == "nvfp4":
@@ -241,17 +271,20 @@ def grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
   float32 int and FP8 tensors whose groups are finite with ``amax`` 0 or at least
   ``2^-60``, the same bits come from :func:`_grid_code` (a fraction of
   ``quantize``'s work; QAT computes this every step), and for MX tensors whose blocks
-  also have ``amax < 2^100`` from :func:`_fast_mx`; other tensors take ``quantize``'s
+  also have ``amax < 2^100`` from :func:`_fast_mx` (NVFP4 tensors:
+  :func:`_fast_nvfp4`); other tensors take ``quantize``'s
   general path (:func:`general_grid_quantize`).
   """
   fmt = spec.fmt
   mx = fmt.kind == "mx" and spec.round == "even"
-  if x.dtype != jnp.float32 or x.size == 0 or not (bits is not None or mx) or (
-      fmt.kind == "nvfp4"):
+  if x.dtype != jnp.float32 or x.size == 0 or not (bits is not None or mx):
     return general_grid_quantize(x, spec, bits)
   g, axis = quant.group_axes(x, spec)
-  if mx:
-    fast_ok, amax = _fast_amax(g, axis, _MX_FAST_LIMIT)
+  if fmt.kind == "nvfp4":
+    fast_ok, amax = _fast_amax(g, None, _FAST_LIMIT)
+    fast = lambda g, amax: _fast_nvfp4(g, axis, amax, bits).reshape(x.shape)  # noqa: E731
+  elif mx:
+    fast_ok, amax = _fast_amax(g, axis, _FAST_LIMIT)
     fast = lambda g, amax: _fast_mx(g, amax, fmt).reshape(x.shape)  # noqa: E731
   else:
     fast_ok, amax = _fast_amax(g, axis)

@@ -73,7 +73,7 @@ def test_mx_fast_path_is_the_general_path(fmt, axis):
   fast, general = grid_fns(fmt, x.shape, axis)
   assert bool(qat_grid._fast_amax(jnp.asarray(x).reshape(-1, 32, 96) if axis == 0 else
                                   jnp.asarray(x).reshape(96, -1, 32), 1 if axis == 0 else 2,
-                                  qat_grid._MX_FAST_LIMIT)[0])  # the fast path is taken
+                                  qat_grid._FAST_LIMIT)[0])  # the fast path is taken
   np.testing.assert_array_equal(bits(fast(x)), bits(general(x)))
 
 
@@ -103,3 +103,66 @@ def test_mx_fast_routing_matches_general_path(fmt):
     x[40, 5] = np.float32(value)               # and one entry of another
     with np.errstate(over="ignore"):
       np.testing.assert_array_equal(bits(fast(x)), bits(general(x)), err_msg=name)
+
+
+def nvfp4_adversarial(rng, shape, axis: int) -> np.ndarray:
+  """A tensor whose per-tensor scale ``s~`` has 14 bits and whose blocks (of 16 along ``axis``)
+  each have a chosen E4M3 scale ``s_b`` (first entry ``6 s_b s~``; one block has 448, which
+  sets the tensor's maximum 2688 s~); the other entries are E2M1 values, their midpoints
+  (exact ties), values past 6, and the floats next to all of them, times ``s_b s~``."""
+  s_t = np.float32(rng.integers(2**13, 2**14) * 2.0 ** int(rng.integers(-40, 20)))
+  e4m3 = np.unique(np.abs(quant.quantize(jnp.asarray(rng.standard_normal(4096) * 100,
+                                                     jnp.float32), "fp8_e4m3")))
+  e4m3 = np.asarray(e4m3[(e4m3 >= 2.0**-6)], np.float32)
+  e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+  pool = np.concatenate([e2m1, (e2m1[:-1] + e2m1[1:]) / 2, [6.5, 0.25, 2.0**-20]])
+  pool = np.asarray(pool, np.float32)
+  pool = np.concatenate([pool, np.nextafter(pool, np.float32(np.inf)),
+                         np.nextafter(pool, np.float32(0))])
+  moved = (shape[axis] // 16, 16, int(np.prod(shape)) // shape[axis])
+  s_b = rng.choice(e4m3, size=(moved[0], 1, moved[2])).astype(np.float32)
+  s_b[0, 0, 0] = 448.0
+  x = rng.choice(pool, size=moved) * rng.choice([-1.0, 1.0], size=moved)
+  x[:, 0] = 6.0
+  x = (x * s_b * s_t).astype(np.float32)  # exact: at most 3 + 4 + 14 significant bits
+  x = x.reshape(shape[axis], -1)
+  return np.ascontiguousarray(x if axis == 0 else x.T)
+
+
+def nvfp4_fns(spec):
+  bits = qat_grid.NVFP4_SCALE_BITS
+  return (jax.jit(functools.partial(qat_grid.grid_quantize, spec=spec, bits=bits)),
+          jax.jit(functools.partial(qat_grid.general_grid_quantize, spec=spec, bits=bits)))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nvfp4_fast_path_is_the_general_path(axis):
+  """Ties of every E2M1 step, their neighbours and saturation in blocks of chosen E4M3 scales,
+  and plain Gaussian tensors of several magnitudes."""
+  rng = np.random.default_rng(11 + axis)
+  shape = (64, 48)
+  spec = quant.make_spec("nvfp4", shape, jnp.float32, axis, None, None, True)
+  fast, general = nvfp4_fns(spec)
+  tensors = [nvfp4_adversarial(rng, shape, axis) for _ in range(4)]
+  tensors += [(rng.standard_normal(shape) * 10.0**k).astype(np.float32) for k in (-15, 0, 20)]
+  for x in tensors:
+    assert bool(qat_grid._fast_amax(jnp.asarray(x), None, qat_grid._FAST_LIMIT)[0])
+    np.testing.assert_array_equal(bits(fast(x)), bits(general(x)))
+
+
+def test_nvfp4_fast_routing_matches_general_path():
+  """Zero, subnormal, tiny, huge, infinite or NaN entries route to the general path; all-zero
+  and subnormal-only tensors too. Every result is the general path's, bit for bit."""
+  rng = np.random.default_rng(7)
+  base = rng.standard_normal((32, 16)).astype(np.float32)
+  spec = quant.make_spec("nvfp4", base.shape, jnp.float32, 0, None, None, True)
+  fast, general = nvfp4_fns(spec)
+  cases = {"zeros": np.zeros_like(base), "subnormal": np.full_like(base, 1e-40),
+           "tiny": base * np.float32(2.0**-80)}
+  for name, value in {"subnormal entry": 1e-40, "huge": 2.0**110, "inf": np.inf,
+                      "nan": np.nan}.items():
+    x = base.copy()
+    x[3, 5] = np.float32(value)
+    cases[name] = x
+  for name, x in cases.items():
+    np.testing.assert_array_equal(bits(fast(x)), bits(general(x)), err_msg=name)
