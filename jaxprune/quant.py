@@ -378,9 +378,18 @@ def _fake_quantize(x: jax.Array, spec: Spec) -> jax.Array:
     fn = functools.partial(quant_scaled.absmax, fmt=spec.fmt, ties=ties)
   else:
     fn = functools.partial(quant_scaled.affine, fmt=spec.fmt, ties=ties)
+  layout = grouped
+  if spec.fmt.kind == "mx":  # blocks reduced in place (a reshape; no transpose of axis 0)
+    layout = _in_place
   if x.dtype == jnp.bfloat16:
-    return qb.to_bfloat16(grouped(fn, qb.from_bfloat16(x), spec))
-  return grouped(fn, x.astype(jnp.float32), spec).astype(x.dtype)
+    return qb.to_bfloat16(layout(fn, qb.from_bfloat16(x), spec))
+  return layout(fn, x.astype(jnp.float32), spec).astype(x.dtype)
+
+
+def _in_place(fn, x: jax.Array, spec: Spec) -> jax.Array:
+  """Applies ``fn(g, axis=a)`` to ``x`` laid out by :func:`group_axes` (groups along ``a``)."""
+  g, axis = group_axes(x, spec)
+  return fn(g, axis=-1 if axis is None else axis).reshape(x.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

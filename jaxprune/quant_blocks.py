@@ -53,8 +53,9 @@ def mx_shared_exponent(amax_bits: jax.Array, emax: int) -> jax.Array:
   return jnp.maximum(e - emax, -127)
 
 
-def mx(g: jax.Array, fmt: Format, rounding: str = "even") -> jax.Array:
-  """MX quantization of blocks ``g[..., :]``, microxcaling's ``round='even'`` or ``'nearest'``.
+def mx(g: jax.Array, fmt: Format, rounding: str = "even", axis: int = -1) -> jax.Array:
+  """MX quantization of blocks along ``axis`` of ``g`` (by default ``g[..., :]``), microxcaling's
+  ``round='even'`` or ``'nearest'``.
 
   ``'even'`` rounds an element's ties to even, ``'nearest'`` away from zero
   (microxcaling's ``sign(A) * floor(|A| + 1/2)``); both keep its float32 quirk
@@ -62,7 +63,7 @@ def mx(g: jax.Array, fmt: Format, rounding: str = "even") -> jax.Array:
   """
   if rounding not in MX_ROUNDING:
     raise ValueError(f"`round` must be one of {MX_ROUNDING}, got {rounding!r}.")
-  amax = jnp.max(qb.bits(g) & qb.MAG, axis=-1, keepdims=True)
+  amax = jnp.max(qb.bits(g) & qb.MAG, axis=axis, keepdims=True)
   e = mx_shared_exponent(amax, fmt.emax)
   bad = (amax >= qb.INF_BITS) | (e > 127)
   a = qb.ldexp(g, -e)
