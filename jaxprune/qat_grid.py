@@ -12,8 +12,8 @@ plain format with the plain format's own scale rule. See :func:`snapped_quantize
 
 Every step QAT computes ``Q`` of the master weights, so float32 tensors whose groups
 are finite and not tiny take fast paths that give ``quantize``'s bits with a
-fraction of its integer arithmetic: :func:`_grid_code` (int, FP8),
-:func:`_fast_mx` (MX) and :func:`_fast_nvfp4`; both are exact on every backend, fast math included.
+fraction of its integer arithmetic: :func:`_grid_code` (int, FP8), :func:`_fast_mx` (MX)
+and :func:`_fast_nvfp4`, each exact on every backend, fast math included.
 
 NVFP4: the per-tensor scale ``s_t = amax / 2688`` is rounded to ``b = 14``
 significant bits in the same way (the tensor's largest entry set to ``2688 s~``,
