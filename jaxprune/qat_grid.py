@@ -159,9 +159,7 @@ def _fast_snapped(g: jax.Array, amax: jax.Array, fmt: quant.Format, bits: int) -
   top, s = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), fmt.max_normal, bits)
   # The largest entry maps onto max_normal s exactly; an all-zero group (amax 0) stays 0.
   x = jnp.where((mag == amax) & (amax != 0), top, jnp.minimum(qb.from_bits(mag), top))
-  v = _grid_code(x, s, fmt) * s  # exact: at most 22 significant bits, normal
-  # g's sign where v != 0; +0.0 elsewhere.
-  return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
+  return _with_sign_of(g, _grid_code(x, s, fmt) * s)  # exact: <= 22 significant bits, normal
 
 
 def _fast_amax(g: jax.Array, axis: int | None,
@@ -210,15 +208,29 @@ def _fast_mx(g: jax.Array, amax: jax.Array, fmt: quant.Format) -> jax.Array:
   """
   e = quant_blocks.mx_shared_exponent(jnp.maximum(amax, _FAST_MIN_AMAX), fmt.emax)
   a = jnp.minimum(jnp.abs(g) * qb.pow2(-e), np.float32(fmt.max_normal))
+  return _with_sign_of(g, _round_element(a, fmt, microxcaling=True) * qb.pow2(e))
+
+
+def _round_element(a: jax.Array, fmt: quant.Format, microxcaling: bool) -> jax.Array:
+  """``a`` (float32, ``0 <= a <= max_normal``, normal or below the grid's half step) rounded
+  half to even onto the element grid: ``jnp.round(t) 2^(p - m)``, ``t = a 2^(m - p)`` exact,
+  ``p = max(floor(log2 a), emin)`` (``emin`` for integer elements); ``microxcaling`` also
+  rounds ``t = 1/2 - 2^-25`` up to 1, as its float32 ``floor(t + 1/2)`` does."""
   if fmt.ebits:  # 2^(m - p) and 2^(p - m) from the exponent field of a
     p_bits = jnp.maximum(qb.bits(a) & qb.INF_BITS, (fmt.emin + 127) << 23)
     up = qb.from_bits((254 << 23) - p_bits + (fmt.mbits << 23))
     unit = qb.from_bits(p_bits - (fmt.mbits << 23))
   else:
-    up, unit = np.float32(2.0**fmt.mbits), np.float32(2.0**-fmt.mbits)
+    up, unit = np.float32(2.0 ** (fmt.mbits - fmt.emin)), np.float32(2.0 ** (fmt.emin - fmt.mbits))
   t = a * up
-  v = jnp.where(t == _MX_HALF_QUIRK, np.float32(1), jnp.round(t)) * unit * qb.pow2(e)
-  # g's sign where v != 0; +0.0 elsewhere.
+  r = jnp.round(t)
+  if microxcaling:
+    r = jnp.where(t == _MX_HALF_QUIRK, np.float32(1), r)
+  return r * unit
+
+
+def _with_sign_of(g: jax.Array, v: jax.Array) -> jax.Array:
+  """``|v|`` (``v >= 0``) with ``g``'s sign where ``v != 0``, and ``+0.0`` elsewhere."""
   return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
 
 
@@ -244,11 +256,8 @@ def _fast_nvfp4(g: jax.Array, axis: int, amax: jax.Array, bits: int) -> jax.Arra
   s_b = quant_nvfp4.block_scales(qb.bits(jnp.max(x, axis=axis, keepdims=True)), s_t)
   r = qb.divide(jnp.broadcast_to(qb.divide(1.0, s_t), s_b.shape), s_b)
   a = jnp.minimum(x * r, np.float32(quant_nvfp4.E2M1.max_normal))
-  p_bits = jnp.maximum(qb.bits(a) & qb.INF_BITS, 127 << 23)  # p = max(floor(log2 a), 0)
-  t = a * qb.from_bits((255 << 23) - p_bits)  # a 2^(1 - p)
-  v = jnp.round(t) * qb.from_bits(p_bits - (1 << 23)) * (s_b * s_t)  # exact products
-  # g's sign where v != 0; +0.0 elsewhere.
-  return qb.from_bits(jnp.where(v > 0, qb.bits(v) | (qb.bits(g) & qb.SIGN), 0))
+  c = _round_element(a, quant_nvfp4.E2M1, microxcaling=False)
+  return _with_sign_of(g, c * (s_b * s_t))  # exact products
 
 
 def general_grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:
