@@ -249,15 +249,17 @@ def _fast_nvfp4(g: jax.Array, axis: int, amax: jax.Array, bits: int) -> jax.Arra
   it is exact in any order (torchao's ``fl(c fl(s_b s_t))`` is the same number).
   """
   amax = amax.reshape(())
-  top, s_t = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), quant_nvfp4.TENSOR_MAX, bits)
+  top, s_t = qb.computed_once(amax, *_snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX),
+                                         quant_nvfp4.TENSOR_MAX, bits))
   mag = qb.bits(g) & qb.MAG
   x = jnp.where((mag == amax) & (amax != 0), top, jnp.minimum(qb.from_bits(mag), top))
   # Subnormal block maxima (flushed or not) give the smallest block scale either way.
   s_b = quant_nvfp4.block_scales(qb.bits(jnp.max(x, axis=axis, keepdims=True)), s_t)
   r = qb.divide(jnp.broadcast_to(qb.divide(1.0, s_t), s_b.shape), s_b)
+  r, scale = qb.computed_once(amax, r, s_b * s_t)
   a = jnp.minimum(x * r, np.float32(quant_nvfp4.E2M1.max_normal))
   c = _round_element(a, quant_nvfp4.E2M1, microxcaling=False)
-  return _with_sign_of(g, c * (s_b * s_t))  # exact products
+  return _with_sign_of(g, c * scale)  # exact products
 
 
 def general_grid_quantize(x: jax.Array, spec, bits: int | None) -> jax.Array:

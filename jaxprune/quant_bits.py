@@ -44,6 +44,22 @@ def from_bits(b: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
+def computed_once(token: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
+  """``xs`` (float32) unchanged, each computed once rather than once per element of its use.
+
+  XLA fuses cheap elementwise producers into their consumers, so a per-tensor or
+  per-block value broadcast onto a tensor (a scale made of a few hundred integer
+  operations, say) is recomputed for every element that it scales. XLA does not
+  duplicate an integer division by a value that it cannot fold
+  (``InstructionFusion::IsExpensive``), so dividing the bits by a ``1`` made from
+  ``token`` (int32, ``>= 0``: the bits of a magnitude) makes each its own buffer.
+  Exact on every backend (``b / 1 = b``). NVFP4 fake quantization of 784x1024 on CPU
+  went from 5.4 to 0.9 ms (QAT's fast path) and from 8 to 3 ms (``quantize``).
+  """
+  one = 1 + (jnp.max(token) >> 31)  # 1, as token >= 0; XLA cannot know that
+  return tuple(from_bits(jax.lax.div(bits(x), one)) for x in xs)
+
+
 def msb(m: jax.Array) -> jax.Array:
   """Index of the most significant set bit of a positive int32 (-1 for 0)."""
   return 31 - jax.lax.clz(m)

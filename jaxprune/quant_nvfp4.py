@@ -57,6 +57,7 @@ def codes(mag: jax.Array, s_t: jax.Array, s_b: jax.Array) -> jax.Array:
   """The E2M1 values ``e2m1(fl(|x| fl(fl(1 / s_t) / s_b)))`` (round half to even, saturating at
   6), from the bits ``mag`` of ``|x|``; ``s_b`` broadcasts onto ``mag``."""
   reciprocal = qb.divide(jnp.broadcast_to(qb.divide(1.0, s_t), s_b.shape), s_b)
+  (reciprocal,) = qb.computed_once(qb.bits(s_t), reciprocal)  # s_t > 0
   return round_magnitude(qb.bits(qb.multiply(qb.from_bits(mag), reciprocal)) & qb.MAG, E2M1)
 
 
@@ -70,7 +71,9 @@ def scales(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   s_t = tensor_scale(jnp.max(mag))
   flushed = qb.bits(s_t) < _MIN_TENSOR_SCALE
   s_t = jnp.where(flushed, 1.0, s_t)
-  return s_t, block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t), flushed
+  (s_t,) = qb.computed_once(qb.bits(s_t), s_t)
+  s_b = block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t)
+  return s_t, qb.computed_once(qb.bits(s_t), s_b)[0], flushed
 
 
 def nvfp4(g: jax.Array) -> jax.Array:
@@ -82,7 +85,8 @@ def nvfp4(g: jax.Array) -> jax.Array:
   mag = qb.bits(g) & qb.MAG
   amax = jnp.max(mag)
   s_t, s_b, flushed = scales(g)
-  q = qb.bits(qb.multiply(codes(mag, s_t, s_b), qb.multiply(s_b, s_t)))
+  (scale,) = qb.computed_once(qb.bits(s_t), qb.multiply(s_b, s_t))
+  q = qb.bits(qb.multiply(codes(mag, s_t, s_b), scale))
   # Selected as integers: a float select may flush subnormal results (XLA:CPU fast math).
   q = jnp.where(flushed, 0, q) | (qb.bits(g) & qb.SIGN)
   return qb.from_bits(jnp.where(amax >= qb.INF_BITS, 0x7FC00000, q))

@@ -24,7 +24,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_
 FILES=(tests/test_masks.py tests/test_quant.py tests/test_compress.py tests/test_qat.py
        tests/test_ste.py tests/test_step.py tests/test_pruning.py tests/test_progressive.py
        tests/test_dst.py)
-for f in tests/test_bf16.py tests/test_nvfp4.py tests/test_compress_format.py; do
+for f in tests/test_bf16.py tests/test_nvfp4.py tests/test_qat_grid.py tests/test_quant_conventions.py; do
   [[ -f $f ]] && FILES+=("$f")
 done
 CORES=$(nproc)

@@ -269,6 +269,27 @@ def test_nvfp4_multiply_is_ieee():
   assert_bits_equal(np.asarray(jax.jit(qb.multiply)(a, b)), expect)
 
 
+def test_computed_once_returns_every_bit_pattern_unchanged():
+  # quant_bits.computed_once divides bit patterns by a 1 that XLA cannot fold: NaNs with
+  # payloads, infinities, signed zeros, subnormals and negative numbers (negative int32 bits)
+  # must all come back bit for bit, also when the result is broadcast onto a bigger array.
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 2**32, (64, 1), dtype=np.uint64).astype(np.uint32)
+  x[:8, 0] = [0x80000000, 0, 0x7F800000, 0xFF800000, 0x7FC00001, 0xFFC12345, 1, 0x807FFFFF]
+  x = x.view(F32)
+  token = jnp.int32(0x7F7FFFFF)
+
+  @jax.jit
+  def use(x, y):
+    once, again = qb.computed_once(token, x, y)
+    return once, jnp.broadcast_to(again, (64, 16))
+
+  once, broadcast = use(x, x[::-1])
+  assert_bits_equal(np.asarray(once), x)
+  for column in (0, 15):
+    assert_bits_equal(np.asarray(broadcast)[:, column:column + 1], x[::-1])
+
+
 def test_nvfp4_straight_through_gradient():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32)), jnp.float32)
   w = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32)), jnp.float32)
