@@ -27,8 +27,11 @@ granularity, ``quant.quantize(out) == out``:
 
 An all-zero group has scale 0 and rounds everything to 0 (as
 ``quant.quantize`` does). Arithmetic is float32 with correctly rounded
-divisions; weights are assumed in the normal float32 range (scales of
-subnormal size are not supported).
+divisions (:func:`jaxprune.quant_bits.divide`, on integer significands: XLA may
+turn a float division into a product with an approximate reciprocal on GPUs,
+TPUs and under fast math, which would move a scale by an ulp and make the
+finished kernel unrepresentable); weights are assumed in the normal float32
+range (scales of subnormal size are not supported).
 """
 
 from __future__ import annotations
@@ -39,14 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import quant
+from jaxprune import quant_bits as qb
 
 Array = jax.Array
-
-
-def _divide(a: Array, b) -> Array:
-  """``a / b`` correctly rounded: XLA rewrites a division by a constant into a
-  multiplication by the reciprocal (an ulp off); a barrier hides the divisor."""
-  return a / jax.lax.optimization_barrier(a * 0 + b)
 
 
 def _biased_exponent(x: Array) -> Array:
@@ -79,7 +77,7 @@ class Grid(NamedTuple):
     amax = jnp.max(a, axis=0)
     pin = jnp.argmax(a, axis=0).astype(jnp.int32)
     if self.fmt.kind == "int":
-      return _divide(amax, self.fmt.max_normal), pin
+      return qb.divide(amax, self.fmt.max_normal), pin
     e = jnp.maximum(_biased_exponent(amax) - 127 - self.fmt.emax, -127)
     # The exponent travels as a float (exact for |e| < 2^24); 0 marks an all-zero block.
     return jnp.where(amax == 0, jnp.nan, e.astype(jnp.float32)), pin
@@ -88,7 +86,7 @@ class Grid(NamedTuple):
     x = x.astype(jnp.float32)
     if self.fmt.kind == "int":
       q_max = self.fmt.max_normal
-      n = jnp.clip(jnp.round(_divide(x, jnp.where(scale == 0, 1.0, scale))), -q_max, q_max)
+      n = jnp.clip(jnp.round(qb.divide(x, jnp.where(scale == 0, 1.0, scale))), -q_max, q_max)
       n = jnp.where(pinned, jnp.where(x < 0, -q_max, q_max), n)
       return jnp.where(scale == 0, 0.0, n * scale)
     zero_block = jnp.isnan(scale)
