@@ -162,7 +162,7 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
   config = _config()
   config.optimizer.update(lr=1e4, warmup_steps=30)   # Finite until the warm-up gets steep.
   with pytest.raises(train.TrainingDiverged, match=r"training diverged: the (train|validation) "
-                     r"loss is (nan|inf) at step \d+ .* Lower `config.optimizer.lr`"):
+                     r"loss is (nan|-?inf) at step \d+ .* Lower `config.optimizer.lr`"):
     train.train(config, tmp_path)
   assert not (tmp_path / "report.json").exists()
   if any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir()):
