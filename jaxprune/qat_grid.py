@@ -249,8 +249,8 @@ def _fast_nvfp4(g: jax.Array, axis: int, amax: jax.Array, bits: int) -> jax.Arra
   it is exact in any order (torchao's ``fl(c fl(s_b s_t))`` is the same number).
   """
   amax = amax.reshape(())
-  top, s_t = qb.computed_once(amax, *_snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX),
-                                         quant_nvfp4.TENSOR_MAX, bits))
+  snapped = _snapped_scale(jnp.maximum(amax, _FAST_MIN_AMAX), quant_nvfp4.TENSOR_MAX, bits)
+  top, s_t = qb.computed_once(amax, *snapped)
   mag = qb.bits(g) & qb.MAG
   x = jnp.where((mag == amax) & (amax != 0), top, jnp.minimum(qb.from_bits(mag), top))
   # Subnormal block maxima (flushed or not) give the smallest block scale either way.

@@ -72,8 +72,8 @@ def scales(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   flushed = qb.bits(s_t) < _MIN_TENSOR_SCALE
   s_t = jnp.where(flushed, 1.0, s_t)
   (s_t,) = qb.computed_once(qb.bits(s_t), s_t)
-  s_b = block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t)
-  return s_t, qb.computed_once(qb.bits(s_t), s_b)[0], flushed
+  (s_b,) = qb.computed_once(qb.bits(s_t), block_scales(jnp.max(mag, axis=-1, keepdims=True), s_t))
+  return s_t, s_b, flushed
 
 
 def nvfp4(g: jax.Array) -> jax.Array:
